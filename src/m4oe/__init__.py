@@ -1,0 +1,8 @@
+"""m4oe: one segmentation model across imaging modalities (M4oE, Jiang & Shen, MICCAI 2024)."""
+
+__version__ = "0.1.0"
+
+from .bundle import BundleError, load_bundle, save_bundle
+from .model import M4oEUNet, create_model
+
+__all__ = ["BundleError", "M4oEUNet", "create_model", "load_bundle", "save_bundle", "__version__"]

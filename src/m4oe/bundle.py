@@ -1,0 +1,139 @@
+"""Model bundles: a folder with ``model.safetensors`` and ``config.json``; loading never unpickles.
+
+``config.json`` holds everything needed to rebuild the model and use it on new scans: the resolved
+model config (plus the preset and overrides it came from), the modalities (expert order), the union
+label vocabulary, each dataset's label set, the SHA-256 of the weights file, and a free ``extra``
+mapping (normalisation statistics, label values, training provenance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import ConfigError, ModelConfig
+from .model.unet import M4oEUNet
+
+FORMAT = "m4oe-bundle"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class BundleError(RuntimeError):
+    """A bundle folder is missing, corrupted or does not match the model it describes."""
+
+
+def save_bundle(model: M4oEUNet, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a bundle in ``directory`` (created if needed; existing files replaced).
+
+    Each file is written to a temporary name and renamed into place; the config, which names the
+    weights' checksum, is written last, so an interrupted save is detected on load.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = directory / WEIGHTS
+    _atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
+    if extra is None:
+        extra = getattr(model, "bundle_extra", {})
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "m4oe_version": __version__,
+        "preset": getattr(model, "preset", None),
+        "overrides": getattr(model, "overrides", {}),
+        "model_config": model.config.to_dict(),
+        "modalities": model.modalities,
+        "class_names": model.class_names,
+        "label_sets": model.label_sets,
+        "weights": {"file": WEIGHTS, "sha256": _sha256(weights)},
+        "extra": extra,
+    }
+    text = json.dumps(config, indent=2)
+    _atomic_write(directory / CONFIG, lambda tmp: tmp.write_text(text))
+    return directory
+
+
+def load_bundle(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> M4oEUNet:
+    """Rebuild a model from a bundle folder; ``model.bundle_extra`` holds the config's ``extra``."""
+    directory = Path(directory)
+    config = read_bundle_config(directory)
+    weights = directory / config["weights"]["file"]
+    if not weights.is_file():
+        raise BundleError(f"{weights}: weights file missing")
+    if _sha256(weights) != config["weights"]["sha256"]:
+        raise BundleError(f"{weights}: checksum does not match {directory / CONFIG} (corrupted or replaced file)")
+    try:
+        model_config = ModelConfig.from_dict(config["model_config"])
+        model = M4oEUNet(model_config, config["modalities"], config["label_sets"])
+    except (ConfigError, ValueError, TypeError) as err:
+        raise BundleError(f"{directory / CONFIG}: cannot build the model: {err}") from err
+    if model.class_names != config["class_names"]:
+        raise BundleError(
+            f"{directory / CONFIG}: class_names {config['class_names']} do not match the label sets "
+            f"(which give {model.class_names})"
+        )
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError) as err:
+        raise BundleError(f"{weights}: unreadable safetensors file: {err}") from err
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise BundleError(
+            f"{weights}: weights do not fit the model in {CONFIG}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
+    model.load_state_dict(state)
+    model.preset = config.get("preset")
+    model.overrides = config.get("overrides", {})
+    model.bundle_extra = config.get("extra", {})
+    return model.to(map_location)
+
+
+def read_bundle_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``config.json`` of a bundle without touching the weights."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise BundleError(f"{path}: not a model bundle (no {CONFIG})")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise BundleError(f"{path}: not an m4oe bundle config (format is not {FORMAT!r})")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {config['format_version']} is newer than this m4oe reads")
+    required = ("model_config", "modalities", "class_names", "label_sets", "weights")
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise BundleError(f"{path}: missing keys {missing}")
+    return config
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,19 @@
+"""Models: the M4oE Swin-UNet, its layers and presets."""
+
+from .dense_init import init_from_dense
+from .moe import DenseMLP, MoEMLP
+from .presets import PRESETS, create_model, forward_flops, model_info, parameter_counts
+from .unet import M4oEUNet, build_vocabulary
+
+__all__ = [
+    "PRESETS",
+    "DenseMLP",
+    "M4oEUNet",
+    "MoEMLP",
+    "build_vocabulary",
+    "create_model",
+    "forward_flops",
+    "init_from_dense",
+    "model_info",
+    "parameter_counts",
+]

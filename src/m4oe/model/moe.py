@@ -1,0 +1,150 @@
+"""The M4oE layer: modality experts (two-layer GELU MLPs) mixed by a per-token softmax gate.
+
+All experts are held in stacked parameters (``w1: [E, H, C]``, ``w2: [E, C, H]``) so that no
+Python loop over experts or samples runs in the forward pass:
+
+* ``soft`` / ``uniform``: the first layers of all experts are one wide GEMM ``[.., C] -> [.., E*H]``;
+  because the second layer is linear, ``sum_e g_e (W2_e h_e + b2_e) = [g_1 h_1 .. g_E h_E] @ W2_cat
+  + g @ b2``, a second single GEMM.
+* ``hard``: each sample's tokens go through its modality's expert alone, with the expert weights
+  gathered per sample and applied by batched matmuls (``E`` times fewer FLOPs than ``soft``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ROUTING_MODES
+
+
+class DenseMLP(nn.Module):
+    """The plain Swin MLP: ``Linear(C, H) -> GELU -> Linear(H, C)`` (the dense baseline)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, modality: Tensor | None = None, routing: str | None = None):
+        return self.fc2(F.gelu(self.fc1(x))), None
+
+
+class MoEMLP(nn.Module):
+    """Mixture of ``num_experts`` modality experts weighed by a softmax gate over experts.
+
+    Args:
+        dim: token width ``C``.
+        hidden: hidden width ``H`` of each expert.
+        num_experts: ``E``, one expert per modality.
+        routing: default routing mode (``soft``, ``hard`` or ``uniform``).
+        gate_modality: add a learned modality embedding to the gate's input.
+
+    Shapes:
+        ``x``: ``[B, L, C]``; ``modality``: ``[B]`` long (expert index of each sample, needed for
+        ``hard`` routing and ``gate_modality``). Returns ``(out [B, L, C], gates [B, L, E])``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        routing: str = "soft",
+        gate_modality: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        self.dim, self.hidden, self.num_experts, self.routing = dim, hidden, num_experts, routing
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.gate = nn.Linear(dim, num_experts)
+        self.modality_embed = nn.Embedding(num_experts, dim) if gate_modality else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # As Swin initialises its dense MLP: truncated normal weights, zero biases.
+        for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
+            nn.init.trunc_normal_(weight, std=0.02)
+            nn.init.zeros_(bias)
+        if self.modality_embed is not None:
+            nn.init.zeros_(self.modality_embed.weight)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}, routing={self.routing}"
+
+    def gate_weights(self, x: Tensor, modality: Tensor | None) -> Tensor:
+        """Softmax over experts of the gate's logits, per token: ``[B, L, E]``."""
+        gate_in = x
+        if self.modality_embed is not None:
+            if modality is None:
+                raise ValueError("gate_modality=True needs the modality of every sample")
+            gate_in = x + self.modality_embed(modality)[:, None, :]
+        return torch.softmax(self.gate(gate_in), dim=-1)
+
+    def forward(self, x: Tensor, modality: Tensor | None = None, routing: str | None = None):
+        routing = routing or self.routing
+        if routing == "hard":
+            return self._hard(x, modality)
+        if routing == "uniform":
+            gates = x.new_full((*x.shape[:-1], self.num_experts), 1.0 / self.num_experts)
+        elif routing == "soft":
+            gates = self.gate_weights(x, modality)
+        else:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        return self._mix(x, gates), gates
+
+    def _mix(self, x: Tensor, gates: Tensor) -> Tensor:
+        E, H, C = self.num_experts, self.hidden, self.dim
+        hidden = F.gelu(F.linear(x, self.w1.reshape(E * H, C), self.b1.reshape(E * H)))
+        weighted = (hidden.unflatten(-1, (E, H)) * gates.unsqueeze(-1).to(hidden.dtype)).flatten(-2)
+        w2_cat = self.w2.permute(1, 0, 2).reshape(C, E * H)
+        return F.linear(weighted, w2_cat) + gates @ self.b2
+
+    def _hard(self, x: Tensor, modality: Tensor | None):
+        if modality is None:
+            raise ValueError("hard routing needs the modality of every sample")
+        if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= self.num_experts):
+            raise ValueError(f"modality index out of range [0, {self.num_experts}): got {modality.tolist()}")
+        w1, b1 = self.w1[modality], self.b1[modality]  # [B, H, C], [B, H]
+        w2, b2 = self.w2[modality], self.b2[modality]  # [B, C, H], [B, C]
+        shape = x.shape
+        tokens = x.reshape(shape[0], -1, shape[-1])
+        hidden = F.gelu(torch.baddbmm(b1.unsqueeze(1), tokens, w1.transpose(1, 2)))
+        out = torch.baddbmm(b2.unsqueeze(1).to(hidden.dtype), hidden, w2.transpose(1, 2))
+        gates = F.one_hot(modality, self.num_experts).to(x.dtype)[:, None, :].expand(*shape[:-1], -1)
+        return out.reshape(shape), gates
+
+    @torch.no_grad()
+    def load_dense(self, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> None:
+        """Initialise every expert from a dense MLP's weights.
+
+        Experts as wide as the dense MLP get a full copy each, so any convex gate mix equals the
+        dense MLP. Narrower (compute-matched) experts get disjoint slices of its hidden units with
+        the second layer scaled by ``E``, so the uniform mix of experts equals the dense MLP.
+        """
+        dense_hidden = fc1_weight.shape[0]
+        if fc1_weight.shape[1] != self.dim:
+            raise ValueError(f"dense MLP width {fc1_weight.shape[1]} != expert width {self.dim}")
+        if dense_hidden == self.hidden:
+            self.w1.copy_(fc1_weight.expand_as(self.w1))
+            self.b1.copy_(fc1_bias.expand_as(self.b1))
+            self.w2.copy_(fc2_weight.expand_as(self.w2))
+        elif dense_hidden >= self.hidden * self.num_experts:
+            used = self.hidden * self.num_experts
+            self.w1.copy_(fc1_weight[:used].reshape_as(self.w1))
+            self.b1.copy_(fc1_bias[:used].reshape_as(self.b1))
+            w2 = fc2_weight[:, :used].reshape(self.dim, self.num_experts, self.hidden).transpose(0, 1)
+            self.w2.copy_(w2 * self.num_experts)
+        else:
+            raise ValueError(
+                f"cannot initialise {self.num_experts} experts of hidden {self.hidden} from a dense "
+                f"MLP of hidden {dense_hidden}"
+            )
+        self.b2.copy_(fc2_bias.expand_as(self.b2))

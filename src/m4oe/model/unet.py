@@ -1,0 +1,174 @@
+"""The M4oE Swin-UNet: a 2D Swin-Unet whose block MLPs are mixtures of modality experts.
+
+``image [B, 1, S, S]`` -> patch embed (4x4) -> 4 encoder stages (merging between them) ->
+decoder stages (patch expanding, skip concatenation + linear) -> 4x expand -> dynamic head ->
+``logits [B, K_union, S, S]``, masked to each sample's dataset label set.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .head import DynamicHead
+from .swin import PatchEmbed, PatchExpand, PatchMerging, SwinStage, make_mlp_factory
+
+
+class M4oEUNet(nn.Module):
+    """M4oE Swin-UNet over a fixed set of modalities (one expert each) and dataset label sets.
+
+    Args:
+        config: architecture (see :class:`m4oe.config.ModelConfig`).
+        modalities: modality names; their order defines the expert index of each.
+        label_sets: dataset name -> its class names (background first); the union vocabulary is
+            built from them in first-seen order.
+    """
+
+    def __init__(self, config: ModelConfig, modalities: list[str], label_sets: dict[str, list[str]]) -> None:
+        super().__init__()
+        self.config = config
+        self.modalities = list(modalities)
+        self.label_sets = {name: list(labels) for name, labels in label_sets.items()}
+        self.class_names = build_vocabulary(self.label_sets)
+        self.dataset_names = list(self.label_sets)
+        self._check_names()
+
+        cfg, n = config, config.num_stages
+        dims = [cfg.embed_dim * 2**i for i in range(n)]
+        grid = cfg.img_size // cfg.patch_size
+        res = [grid // 2**i for i in range(n)]
+        drop = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        starts = [sum(cfg.depths[:i]) for i in range(n)]
+
+        def factory(moe: bool):
+            return make_mlp_factory(
+                cfg.mlp_ratio, len(self.modalities), moe, cfg.compute_matched, cfg.routing, cfg.gate_modality
+            )
+
+        def stage(i: int, moe: bool) -> SwinStage:
+            d = drop[starts[i] : starts[i] + cfg.depths[i]]
+            return SwinStage(
+                dims[i], res[i], cfg.depths[i], cfg.num_heads[i], cfg.window_size, factory(moe), d, cfg.qkv_bias
+            )
+
+        self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dim, cfg.patch_size)
+        self.encoder = nn.ModuleList(stage(i, cfg.moe_encoder) for i in range(n))
+        self.merges = nn.ModuleList(PatchMerging(dims[i]) for i in range(n - 1))
+        self.norm = nn.LayerNorm(dims[-1])
+        # Decoder level i (i = n-2 .. 0): expand from level i+1, concat skip, linear 2C -> C, blocks.
+        self.expands = nn.ModuleList(PatchExpand(dims[i + 1], dims[i], 2) for i in range(n - 1))
+        self.skip_fuse = nn.ModuleList(nn.Linear(2 * dims[i], dims[i]) for i in range(n - 1))
+        self.decoder = nn.ModuleList(stage(i, cfg.moe_decoder) for i in range(n - 1))
+        self.norm_up = nn.LayerNorm(dims[0])
+        self.final_expand = PatchExpand(dims[0], dims[0], cfg.patch_size)
+        self.head = DynamicHead(dims[0], self.label_mask())
+        self.apply(_init_weights)
+
+    def _check_names(self) -> None:
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be non-empty and unique, got {self.modalities}")
+        if not self.label_sets:
+            raise ValueError("label_sets must name at least one dataset")
+        for name, labels in self.label_sets.items():
+            if not labels or labels[0] != "background" or len(set(labels)) != len(labels):
+                raise ValueError(
+                    f"label set of dataset {name!r} must start with 'background' and have unique names, got {labels}"
+                )
+
+    def label_mask(self) -> Tensor:
+        index = {c: k for k, c in enumerate(self.class_names)}
+        mask = torch.zeros(len(self.label_sets), len(self.class_names), dtype=torch.bool)
+        for d, labels in enumerate(self.label_sets.values()):
+            mask[d, [index[c] for c in labels]] = True
+        return mask
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.modalities)
+
+    def set_routing(self, routing: str) -> None:
+        """Change the routing mode of every M4oE layer (e.g. ``hard`` for fast inference)."""
+        self.config = self.config.replace(routing=routing)
+        for module in self.modules():
+            if hasattr(module, "routing"):
+                module.routing = routing
+
+    def encode(self, image: Tensor, modality: Tensor | None, routing: str | None, gates: list | None):
+        """Encoder: returns the bottleneck tokens and the skip tensors of every level."""
+        x = self.patch_embed(image)
+        skips = []
+        for i, stage in enumerate(self.encoder):
+            skips.append(x)
+            x = stage(x, modality, routing, gates)
+            if i < len(self.merges):
+                x = self.merges[i](x)
+        return self.norm(x), skips
+
+    def decode(self, x: Tensor, skips: list[Tensor], modality: Tensor | None, routing: str | None, gates: list | None):
+        for i in reversed(range(len(self.decoder))):
+            x = self.expands[i](x)
+            x = self.skip_fuse[i](torch.cat([x, skips[i]], dim=-1))
+            x = self.decoder[i](x, modality, routing, gates)
+        return self.final_expand(self.norm_up(x)).permute(0, 3, 1, 2)
+
+    def forward(
+        self,
+        image: Tensor,
+        modality: Tensor | None = None,
+        dataset: Tensor | None = None,
+        return_gates: bool = False,
+        routing: str | None = None,
+    ):
+        """Segment a batch of slices.
+
+        Args:
+            image: ``[B, 1, S, S]`` normalised slices, ``S = config.img_size``.
+            modality: ``[B]`` long, index into ``self.modalities`` (needed for hard routing).
+            dataset: ``[B]`` long, index into ``self.dataset_names``; default: the first dataset.
+            return_gates: also return the gate weights of every M4oE block, ``[B, L, E]`` each.
+            routing: override the configured routing mode for this call.
+
+        Returns:
+            logits ``[B, K_union, S, S]`` (classes outside each sample's label set masked), and
+            when ``return_gates`` the list of per-block gate weights (encoder blocks first).
+        """
+        self._check_input(image, modality, dataset)
+        if dataset is None:
+            dataset = torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
+        gates: list | None = [] if return_gates else None
+        x, skips = self.encode(image, modality, routing, gates)
+        logits = self.head(self.decode(x, skips, modality, routing, gates), dataset)
+        return (logits, gates) if return_gates else logits
+
+    def _check_input(self, image: Tensor, modality: Tensor | None, dataset: Tensor | None) -> None:
+        S, C = self.config.img_size, self.config.in_chans
+        if image.ndim != 4 or image.shape[1] != C or image.shape[2:] != (S, S):
+            raise ValueError(f"expected image of shape [B, {C}, {S}, {S}], got {list(image.shape)}")
+        for name, ids, count in (("modality", modality, self.num_experts), ("dataset", dataset, len(self.label_sets))):
+            if ids is None:
+                continue
+            if ids.shape != (image.shape[0],) or ids.dtype != torch.long:
+                raise ValueError(
+                    f"{name} must be a long tensor of shape [{image.shape[0]}], got {ids.dtype} {list(ids.shape)}"
+                )
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= count):
+                raise ValueError(f"{name} index out of range [0, {count}): {ids.tolist()}")
+
+
+def build_vocabulary(label_sets: dict[str, list[str]]) -> list[str]:
+    """Union of all label sets in first-seen order, background first: same names are one class."""
+    vocab = ["background"]
+    for labels in label_sets.values():
+        vocab.extend(name for name in labels if name not in vocab)
+    return vocab
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,128 @@
+"""The fast M4oE layer against a plain loop over experts and samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m4oe.model.moe import DenseMLP, MoEMLP
+
+
+def expert(layer: MoEMLP, e: int, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.gelu(F.linear(x, layer.w1[e], layer.b1[e])), layer.w2[e], layer.b2[e])
+
+
+def loop_reference(layer: MoEMLP, x: torch.Tensor, modality: torch.Tensor, routing: str) -> torch.Tensor:
+    """The M4oE equations written plainly: one sample and one expert at a time."""
+    E = layer.num_experts
+    outputs = []
+    for b in range(x.shape[0]):
+        if routing == "hard":
+            outputs.append(expert(layer, int(modality[b]), x[b]))
+            continue
+        if routing == "soft":
+            gates = torch.softmax(layer.gate(x[b]), dim=-1)
+        else:
+            gates = torch.full((x.shape[1], E), 1.0 / E, dtype=x.dtype)
+        out = sum(gates[:, e : e + 1] * expert(layer, e, x[b]) for e in range(E))
+        outputs.append(out)
+    return torch.stack(outputs)
+
+
+def make_layer(E: int = 3, C: int = 12, H: int = 20) -> MoEMLP:
+    layer = MoEMLP(C, H, E).double()
+    with torch.no_grad():  # break the symmetric init so that experts and biases differ
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    return layer
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("routing", ["soft", "hard", "uniform"])
+def test_fast_matches_loop_reference_forward_and_gradients(routing):
+    layer = make_layer()
+    x = torch.randn(5, 7, 12, dtype=torch.float64, requires_grad=True)
+    modality = torch.tensor([2, 0, 1, 1, 0])
+    fast, _ = layer(x, modality, routing)
+    ref = loop_reference(layer, x, modality, routing)
+    assert rel_err(fast, ref) < 1e-10
+    grad_out = torch.randn_like(fast)
+    fast_grads = torch.autograd.grad(fast, [x, *layer.parameters()], grad_out, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, [x, *layer.parameters()], grad_out, allow_unused=True)
+    for (name, _), g_fast, g_ref in zip([("x", x), *layer.named_parameters()], fast_grads, ref_grads, strict=True):
+        if g_ref is None:
+            assert g_fast is None or g_fast.abs().max() == 0, name
+            continue
+        assert rel_err(g_fast, g_ref) < 1e-10, name
+
+
+@pytest.mark.parametrize("routing", ["soft", "hard", "uniform"])
+def test_fast_matches_reference_in_float32(routing):
+    layer = make_layer().float()
+    x = torch.randn(4, 49, 12)
+    modality = torch.tensor([0, 1, 2, 0])
+    fast, _ = layer(x, modality, routing)
+    assert rel_err(fast, loop_reference(layer, x, modality, routing)) < 1e-5
+
+
+def test_gate_is_a_distribution_over_experts():
+    layer = make_layer()
+    x = torch.randn(3, 10, 12, dtype=torch.float64)
+    _, gates = layer(x, torch.tensor([0, 1, 2]), "soft")
+    assert gates.shape == (3, 10, 3)
+    assert torch.all(gates > 0)
+    assert torch.allclose(gates.sum(-1), torch.ones(3, 10, dtype=torch.float64))
+    # The gate depends on the token (softmax over experts, per token), not a constant.
+    assert gates.std(dim=1).max() > 1e-3
+
+
+def test_hard_routing_equals_the_chosen_expert_alone():
+    layer = make_layer()
+    x = torch.randn(4, 6, 12, dtype=torch.float64)
+    modality = torch.tensor([1, 1, 0, 2])
+    out, gates = layer(x, modality, "hard")
+    for b in range(4):
+        alone = MoEMLP(12, 20, 1).double()
+        with torch.no_grad():
+            e = int(modality[b])
+            alone.w1[0], alone.b1[0], alone.w2[0], alone.b2[0] = layer.w1[e], layer.b1[e], layer.w2[e], layer.b2[e]
+        expected, _ = alone(x[b : b + 1], torch.zeros(1, dtype=torch.long), "soft")
+        assert torch.allclose(out[b : b + 1], expected, atol=1e-12)
+        assert torch.equal(gates[b, 0], F.one_hot(modality[b], 3).double())
+
+
+def test_hard_routing_rejects_missing_or_bad_modality():
+    layer = make_layer()
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match="modality"):
+        layer(x, None, "hard")
+    with pytest.raises(ValueError, match="out of range"):
+        layer(x, torch.tensor([0, 3]), "hard")
+
+
+def test_gate_modality_embedding_changes_the_gate():
+    layer = MoEMLP(12, 20, 3, gate_modality=True).double()
+    with torch.no_grad():
+        layer.modality_embed.weight.normal_(0, 1.0)
+    x = torch.randn(1, 5, 12, dtype=torch.float64).expand(3, 5, 12)
+    _, gates = layer(x, torch.tensor([0, 1, 2]), "soft")
+    assert not torch.allclose(gates[0], gates[1])
+
+
+@pytest.mark.parametrize("hidden_ratio", [1, 3])
+def test_experts_initialised_from_dense_mlp(hidden_ratio):
+    """Full-width experts copy the dense MLP (any gate gives it back); split experts sum to it."""
+    C, H = 12, 24
+    dense = DenseMLP(C, H).double()
+    E = 3
+    layer = MoEMLP(C, H // E if hidden_ratio == 3 else H, E).double()
+    layer.load_dense(dense.fc1.weight, dense.fc1.bias, dense.fc2.weight, dense.fc2.bias)
+    x = torch.randn(2, 5, C, dtype=torch.float64)
+    expected, _ = dense(x)
+    routing = "soft" if hidden_ratio == 1 else "uniform"
+    out, _ = layer(x, torch.tensor([0, 2]), routing)
+    assert torch.allclose(out, expected, atol=1e-12)
