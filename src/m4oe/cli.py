@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -49,6 +50,43 @@ def info(
     if "gflops_per_slice_hard_routing" in result:
         table.add_row("GFLOPs / slice, hard routing", f"{result['gflops_per_slice_hard_routing']:.2f}")
     console.print(table)
+
+
+@app.command()
+def prepare(
+    config: Path = typer.Argument(..., help="Experiment YAML (datasets, model)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Cache folder to write."),
+    verify_only: bool = typer.Option(False, "--verify-only", help="Only check the data; write nothing."),
+    img_size: int = typer.Option(None, help="Slice size (default: the config's model input size)."),
+    storage: str = typer.Option("float16", help="float16, or uint8 (4x smaller than float32, per-slice affine)."),
+    workers: int = typer.Option(2, help="Worker processes."),
+    force: bool = typer.Option(False, help="Rebuild even if the cache is up to date."),
+) -> None:
+    """Check datasets (all problems listed at once) and write the slice cache."""
+    from .config import ConfigError, load_experiment
+    from .data.datasets import DataError
+    from .data.prepare import check
+    from .data.prepare import prepare as run_prepare
+
+    try:
+        experiment = load_experiment(config)
+        if verify_only:
+            sources, _ = check(experiment, workers=workers)
+            cases = sum(len(s.cases) for s in sources)
+            console.print(f"[green]ok[/green]: {cases} cases in {len(sources)} datasets passed the integrity check")
+            return
+        if out is None:
+            raise ConfigError("give --out CACHE_DIR (or --verify-only)")
+        result = run_prepare(experiment, out, img_size=img_size, storage=storage, workers=workers, force=force)
+    except (ConfigError, DataError) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from err
+    state = "up to date" if result.up_to_date else f"written in {result.seconds:.1f} s"
+    console.print(
+        f"cache {result.path}: {result.num_slices} slices from {result.num_cases} cases, "
+        f"{result.size_bytes / 2**20:.1f} MiB ({state})",
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ROUTING_MODES = ("soft", "hard", "uniform")
@@ -115,4 +116,214 @@ class ModelConfig:
         return ModelConfig.from_dict(base)
 
 
-__all__ = ["ConfigError", "ModelConfig", "ROUTING_MODES"]
+def build_vocabulary(label_sets: dict[str, list[str]]) -> list[str]:
+    """Union of all label sets in first-seen order, background first: same names are one class."""
+    vocab = ["background"]
+    for labels in label_sets.values():
+        vocab.extend(name for name in labels if name not in vocab)
+    return vocab
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiment configuration (YAML)
+# --------------------------------------------------------------------------------------------------
+
+NORMALIZATION_SCHEMES = ("ct", "mri", "none")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How cases are split into training and validation (by case or patient, never by slice).
+
+    Either k-fold (``folds``, ``fold``, ``seed``; cases whose ids share the first match of
+    ``group_pattern`` stay together, e.g. ``patient\\d+`` for the two frames of an ACDC patient),
+    or an explicit ``val`` list of case ids (every other case trains).
+    """
+
+    folds: int = 5
+    fold: int = 0
+    seed: int = 12345
+    group_pattern: str | None = None
+    val: tuple[str, ...] | None = None
+
+    def validate(self, where: str) -> None:
+        if self.val is None:
+            if self.folds < 2:
+                raise ConfigError(f"{where}: split.folds must be >= 2, got {self.folds}")
+            if not 0 <= self.fold < self.folds:
+                raise ConfigError(f"{where}: split.fold must be in [0, {self.folds}), got {self.fold}")
+        if self.group_pattern is not None:
+            import re
+
+            try:
+                re.compile(self.group_pattern)
+            except re.error as err:
+                raise ConfigError(f"{where}: split.group_pattern is not a valid regex: {err}") from err
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset of an experiment.
+
+    Attributes:
+        path: nnU-Net v2 raw folder (or MSD-style folder with a ``training`` list in dataset.json).
+        modality: the expert it belongs to (default: ``channel_names["0"]`` of dataset.json).
+        name: short name (default: the folder name).
+        normalization: ``ct`` (global foreground percentile clip + z-score), ``mri`` (per-case
+            percentile clip + z-score) or ``none``; default ``ct`` when the modality names CT.
+        label_map: rename or merge labels, ``{old_name: new_name}`` (same new name = merged).
+        labeled: false for images without labels (``labels: none``: phase-1 pre-training only).
+        cases: restrict to these case ids; ``max_cases``: to the first N (sorted) cases.
+        weight: relative sampling weight of the dataset (default 1: datasets balanced).
+        split: per-dataset split; default: the experiment's ``split``.
+    """
+
+    path: str
+    modality: str | None = None
+    name: str | None = None
+    normalization: str | None = None
+    label_map: dict[str, str] | None = None
+    labeled: bool = True
+    cases: tuple[str, ...] | None = None
+    max_cases: int | None = None
+    weight: float = 1.0
+    split: SplitConfig | None = None
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: datasets, model and (later) training settings, from one YAML file."""
+
+    datasets: tuple[DatasetConfig, ...]
+    model: dict[str, Any]
+    split: SplitConfig
+    train: dict[str, Any]
+    source: str | None = None
+
+    @property
+    def preset(self) -> str:
+        return self.model.get("preset", "m4oe-t")
+
+    @property
+    def model_overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model.items() if k != "preset"}
+
+
+_DATASET_KEYS = {
+    "path", "modality", "name", "normalization", "label_map", "labels", "cases", "max_cases", "weight", "split"
+}  # fmt: skip
+_SPLIT_KEYS = {"folds", "fold", "seed", "group_pattern", "val"}
+_TOP_KEYS = {"datasets", "model", "split", "train"}
+
+
+def _expect(value: Any, types: type | tuple[type, ...], where: str) -> Any:
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise ConfigError(f"{where} must be {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown(values: dict, known: set[str], where: str) -> None:
+    extra = sorted(set(values) - known)
+    if extra:
+        raise ConfigError(f"{where}: unknown keys {extra}; allowed: {sorted(known)}")
+
+
+def _parse_split(values: Any, where: str, default: SplitConfig | None = None) -> SplitConfig:
+    if values is None:
+        return default or SplitConfig()
+    _expect(values, dict, where)
+    _unknown(values, _SPLIT_KEYS, where)
+    base = dataclasses.asdict(default or SplitConfig())
+    for key in ("folds", "fold", "seed"):
+        if key in values:
+            base[key] = _expect(values[key], int, f"{where}.{key}")
+    if "group_pattern" in values:
+        base["group_pattern"] = _expect(values["group_pattern"], str, f"{where}.group_pattern")
+    if "val" in values:
+        val = _expect(values["val"], list, f"{where}.val")
+        base["val"] = tuple(str(v) for v in val)
+    split = SplitConfig(**base)
+    split.validate(where)
+    return split
+
+
+def _parse_dataset(values: Any, index: int, split: SplitConfig, base_dir: Path) -> DatasetConfig:
+    where = f"datasets[{index}]"
+    _expect(values, dict, where)
+    _unknown(values, _DATASET_KEYS, where)
+    if "path" not in values:
+        raise ConfigError(f"{where}: 'path' is required (an nnU-Net raw dataset folder)")
+    path = Path(_expect(values["path"], str, f"{where}.path")).expanduser()
+    if not path.is_absolute():
+        path = (base_dir / path).resolve()
+    labels = values.get("labels", "auto")
+    if labels not in ("auto", "none", None):
+        raise ConfigError(f"{where}.labels must be 'none' (images only) or left out, got {labels!r}")
+    norm = values.get("normalization")
+    if norm is not None and norm not in NORMALIZATION_SCHEMES:
+        raise ConfigError(f"{where}.normalization must be one of {NORMALIZATION_SCHEMES}, got {norm!r}")
+    label_map = values.get("label_map")
+    if label_map is not None:
+        _expect(label_map, dict, f"{where}.label_map")
+        label_map = {str(k): str(v) for k, v in label_map.items()}
+        if "background" in label_map or "background" in label_map.values():
+            raise ConfigError(f"{where}.label_map: background cannot be renamed or be a target")
+    cases = values.get("cases")
+    if cases is not None:
+        cases = tuple(str(c) for c in _expect(cases, list, f"{where}.cases"))
+    max_cases = values.get("max_cases")
+    if max_cases is not None and _expect(max_cases, int, f"{where}.max_cases") < 1:
+        raise ConfigError(f"{where}.max_cases must be >= 1, got {max_cases}")
+    weight = float(_expect(values.get("weight", 1.0), (int, float), f"{where}.weight"))
+    if not weight > 0:
+        raise ConfigError(f"{where}.weight must be positive, got {weight}")
+    return DatasetConfig(
+        path=str(path),
+        modality=_expect(values["modality"], str, f"{where}.modality") if "modality" in values else None,
+        name=_expect(values["name"], str, f"{where}.name") if "name" in values else None,
+        normalization=norm,
+        label_map=label_map,
+        labeled=labels != "none" and labels is not None,
+        cases=cases,
+        max_cases=max_cases,
+        weight=weight,
+        split=_parse_split(values.get("split"), f"{where}.split", split) if "split" in values else split,
+    )
+
+
+def parse_experiment(values: Any, base_dir: str | Path = ".", source: str | None = None) -> ExperimentConfig:
+    """Validate a parsed YAML mapping; relative dataset paths are resolved against ``base_dir``."""
+    where = source or "config"
+    try:
+        _expect(values, dict, "the config")
+        _unknown(values, _TOP_KEYS, "the config")
+        datasets = _expect(values.get("datasets"), list, "datasets")
+        if not datasets:
+            raise ConfigError("datasets: at least one dataset is required")
+        split = _parse_split(values.get("split"), "split")
+        parsed = tuple(_parse_dataset(d, i, split, Path(base_dir)) for i, d in enumerate(datasets))
+        model = dict(_expect(values.get("model") or {}, dict, "model"))
+        if "preset" in model:
+            _expect(model["preset"], str, "model.preset")
+        overrides = {k: v for k, v in model.items() if k != "preset"}
+        ModelConfig().replace(**overrides)  # unknown or invalid model keys fail here
+        train = dict(_expect(values.get("train") or {}, dict, "train"))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return ExperimentConfig(datasets=parsed, model=model, split=split, train=train, source=source)
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file; errors name the file and the offending key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return parse_experiment(values, base_dir=path.parent, source=str(path))

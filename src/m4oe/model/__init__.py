@@ -3,14 +3,13 @@
 from .dense_init import init_from_dense
 from .moe import DenseMLP, MoEMLP
 from .presets import PRESETS, create_model, forward_flops, model_info, parameter_counts
-from .unet import M4oEUNet, build_vocabulary
+from .unet import M4oEUNet
 
 __all__ = [
     "PRESETS",
     "DenseMLP",
     "M4oEUNet",
     "MoEMLP",
-    "build_vocabulary",
     "create_model",
     "forward_flops",
     "init_from_dense",

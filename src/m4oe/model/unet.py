@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, build_vocabulary
 from .head import DynamicHead
 from .swin import PatchEmbed, PatchExpand, PatchMerging, SwinStage, make_mlp_factory
 
@@ -154,14 +154,6 @@ class M4oEUNet(nn.Module):
                 )
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= count):
                 raise ValueError(f"{name} index out of range [0, {count}): {ids.tolist()}")
-
-
-def build_vocabulary(label_sets: dict[str, list[str]]) -> list[str]:
-    """Union of all label sets in first-seen order, background first: same names are one class."""
-    vocab = ["background"]
-    for labels in label_sets.values():
-        vocab.extend(name for name in labels if name not in vocab)
-    return vocab
 
 
 def _init_weights(module: nn.Module) -> None:

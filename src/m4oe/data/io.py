@@ -1,0 +1,206 @@
+"""Image IO through SimpleITK: NIfTI, NRRD, MHA and DICOM series in, NIfTI (or any ITK format) out.
+
+Volumes are handled as numpy arrays in ``[z, y, x]`` order together with their :class:`Geometry`
+(spacing, origin, direction), so a prediction can be written back with exactly the input's geometry.
+:func:`to_canonical` reorients a volume to a fixed axis order (``LPS``) so that slices of datasets
+stored in different orientations look alike; :func:`from_canonical` undoes it exactly.
+
+SimpleITK is imported inside the functions: training and benchmarks never need it.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+CANONICAL = "LPS"
+
+
+class ImageReadError(RuntimeError):
+    """A file or DICOM series could not be read as a 3D image."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical placement of a volume: ITK spacing/origin ``(x, y, z)`` and row-major direction."""
+
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image) -> Geometry:
+        return cls(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    def apply(self, image) -> None:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Geometry:
+        return cls(tuple(values["spacing"]), tuple(values["origin"]), tuple(values["direction"]))
+
+    def mismatch(self, other: Geometry, tol: float = 1e-4) -> str | None:
+        """Describe how ``other`` differs (spacing, origin or direction), or None if it matches."""
+        for name in ("spacing", "origin", "direction"):
+            a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
+            scale = 1.0 if name == "direction" else max(1.0, float(np.abs(a).max(initial=0.0)))
+            if a.shape != b.shape or np.abs(a - b).max(initial=0.0) > tol * scale:
+                return f"{name} {tuple(np.round(a, 5))} vs {tuple(np.round(b, 5))}"
+        return None
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    name = str(path).lower()
+    return name.endswith(IMAGE_SUFFIXES)
+
+
+def read_sitk(path: str | os.PathLike):
+    """Read a file, or a folder holding one DICOM series, as a SimpleITK image."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise ImageReadError(f"{path}: folder holds no DICOM series")
+            if len(series) > 1:
+                raise ImageReadError(f"{path}: folder holds {len(series)} DICOM series; give one series per folder")
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            return reader.Execute()
+        if not path.is_file():
+            raise ImageReadError(f"{path}: file not found")
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        if isinstance(err, ImageReadError):
+            raise
+        first = str(err).strip().splitlines()
+        reason = next((line for line in first if "rror" in line or "annot" in line), first[0] if first else "")
+        raise ImageReadError(f"{path}: unreadable or truncated image ({reason.strip()[:200]})") from err
+
+
+def check_file(path: str | os.PathLike) -> list[str]:
+    """Problems SimpleITK does not report: truncated NIfTI data and NaN/Inf voxels in NIfTI files.
+
+    ITK's NIfTI reader fills missing bytes of a truncated file with garbage and turns non-finite
+    voxels into 0, so NIfTI files are also read with nibabel, which does neither.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return []
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except (EOFError, OSError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+        return [f"{path}: unreadable or truncated image ({str(err).splitlines()[0][:200]})"]
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int((~np.isfinite(data)).sum())
+        if bad:
+            return [f"{path}: {bad} NaN/Inf voxels"]
+    return []
+
+
+def read_header(path: str | os.PathLike) -> tuple[tuple[int, ...], Geometry]:
+    """Size ``(x, y, z)`` and geometry from the header alone (cheap; no voxel data read)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if path.is_dir():
+        image = read_sitk(path)
+        return tuple(image.GetSize()), Geometry.of(image)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ImageReadError(f"{path}: unreadable image header") from err
+    return tuple(reader.GetSize()), Geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+
+
+@dataclass
+class Volume:
+    """A volume read for processing: ``array`` in ``[z, y, x]`` canonical (``LPS``) order.
+
+    ``geometry`` and ``orientation`` are the file's own, to write results back exactly;
+    ``spacing_zyx`` is the voxel size along the canonical array axes.
+    """
+
+    array: np.ndarray
+    geometry: Geometry
+    orientation: str
+    spacing_zyx: tuple[float, float, float]
+
+
+def read_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
+    """Read a single-channel 3D volume; with ``canonical`` reorient it to ``LPS`` axis order."""
+    import SimpleITK as sitk
+
+    image = read_sitk(path)
+    if image.GetDimension() != 3:
+        raise ImageReadError(f"{path}: expected a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageReadError(f"{path}: expected one channel, got {image.GetNumberOfComponentsPerPixel()}")
+    geometry = Geometry.of(image)
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    if canonical and orientation != CANONICAL:
+        image = sitk.DICOMOrient(image, CANONICAL)
+    spacing = image.GetSpacing()
+    return Volume(sitk.GetArrayFromImage(image), geometry, orientation, (spacing[2], spacing[1], spacing[0]))
+
+
+def from_canonical(array: np.ndarray, geometry: Geometry, orientation: str):
+    """Undo :func:`to_canonical` for an array predicted in ``LPS`` order: an image with ``geometry``."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    if orientation != CANONICAL:
+        # Build the canonical placement of the original grid, then reorient back to it.
+        reference = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+        geometry.apply(reference)
+        canon = sitk.DICOMOrient(reference, CANONICAL)
+        image.SetDirection(canon.GetDirection())
+        image = sitk.DICOMOrient(image, orientation)
+    geometry.apply(image)
+    return image
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, orientation: str = CANONICAL) -> Path:
+    """Write an ``[z, y, x]`` array (canonical order unless ``orientation`` says otherwise) atomically."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = from_canonical(array, geometry, orientation)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name.removesuffix(suffix)}.tmp-{os.getpid()}{suffix}")
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def to_canonical_array(array: np.ndarray, geometry: Geometry, orientation: str) -> np.ndarray:
+    """Reorient an ``[z, y, x]`` array stored with ``geometry`` to ``LPS`` order (as read_volume does)."""
+    import SimpleITK as sitk
+
+    if orientation == CANONICAL:
+        return array
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    geometry.apply(image)
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, CANONICAL))

@@ -1,0 +1,216 @@
+"""Reading the slice cache and sampling mixed-modality training batches.
+
+* :class:`SliceCache` opens a cache folder written by ``m4oe prepare`` (memory-mapped arrays).
+* :class:`BalancedBatchSampler` draws whole epochs of batch indices at once with numpy: datasets by
+  weight (balanced by default, so a small MRI set is not drowned by CT), and within a dataset a
+  fraction of foreground slices (oversampling, as nnU-Net does). Epochs are reproducible from
+  ``(seed, epoch)`` and can start at any batch, which is what resuming a run needs.
+* :class:`SliceBatches` turns one array of slice indices into a batch: one fancy-indexing read of
+  the memmap per batch, no per-sample Python work.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .datasets import DataError
+
+
+class SliceCache:
+    """A prepared slice cache: ``meta.json``, ``index.npz`` and memory-mapped ``images``/``labels``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise DataError([f"{self.path}: no meta.json; run 'm4oe prepare' first"], "not a slice cache")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        if not self.meta.get("complete"):
+            raise DataError([f"{meta_path}: cache is incomplete; run 'm4oe prepare' again"], "not a slice cache")
+        with np.load(self.path / "index.npz") as index:
+            self.index = {key: index[key] for key in index.files}
+        self._images: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.meta["num_slices"])
+
+    def __getstate__(self) -> dict:  # memmaps are reopened in each worker process
+        return {**self.__dict__, "_images": None, "_labels": None}
+
+    @property
+    def img_size(self) -> int:
+        return int(self.meta["img_size"])
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.meta["modalities"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def label_sets(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self.meta["label_sets"].items()}
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return [d["name"] for d in self.meta["datasets"]]
+
+    def _open(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._images is None:
+            self._images = np.load(self.path / "images.npy", mmap_mode="r")
+            self._labels = np.load(self.path / "labels.npy", mmap_mode="r")
+        return self._images, self._labels
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised images ``[n, S, S]`` float32 and labels ``[n, S, S]`` uint8 of some slices."""
+        images, labels = self._open()
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")  # sequential reads, then back to the asked order
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        sorted_idx = indices[order]
+        stored = images[sorted_idx][inverse].astype(np.float32)
+        scale = self.index["scale"][indices][:, None, None]
+        offset = self.index["offset"][indices][:, None, None]
+        return stored * scale + offset, np.asarray(labels[sorted_idx][inverse])
+
+    def slice_mask(self, split: str = "train") -> np.ndarray:
+        """Slices of the ``train`` or ``val`` cases (validation fold of each dataset), or ``all``."""
+        if split == "all":
+            return np.ones(len(self), dtype=bool)
+        val_case = np.array(
+            [c["fold"] == self._dataset(c["dataset"])["split"]["fold"] for c in self.meta["cases"]], dtype=bool
+        )
+        per_slice = val_case[self.index["case"]]
+        if split == "val":
+            return per_slice
+        if split == "train":
+            return ~per_slice
+        raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+
+    def _dataset(self, name: str) -> dict[str, Any]:
+        return next(d for d in self.meta["datasets"] if d["name"] == name)
+
+    def cases(self, split: str = "all") -> list[dict[str, Any]]:
+        """Case records (with ``slice_start`` / ``num_slices``) of a split."""
+        mask = self.slice_mask(split)
+        return [c for c in self.meta["cases"] if c["num_slices"] and mask[c["slice_start"]]]
+
+
+class BalancedBatchSampler:
+    """Epochs of batches of slice indices, balanced over datasets, with foreground oversampling.
+
+    Args:
+        cache: the slice cache.
+        batch_size: slices per batch.
+        mask: eligible slices (e.g. ``cache.slice_mask("train")``); default all.
+        samples_per_epoch: slices drawn per epoch (default: the number of eligible slices).
+        dataset_weights: relative probability of each dataset (default: the config's ``weight``s,
+            i.e. balanced datasets).
+        foreground_fraction: share of samples forced to come from slices with foreground.
+        seed: base seed; epoch ``e`` is drawn from ``(seed, e)``.
+    """
+
+    def __init__(
+        self,
+        cache: SliceCache,
+        batch_size: int,
+        mask: np.ndarray | None = None,
+        samples_per_epoch: int | None = None,
+        dataset_weights: list[float] | None = None,
+        foreground_fraction: float = 0.33,
+        seed: int = 0,
+    ) -> None:
+        mask = np.ones(len(cache), dtype=bool) if mask is None else mask
+        dataset = cache.index["dataset"]
+        weights = dataset_weights or [d["weight"] for d in cache.meta["datasets"]]
+        self.pools, self.fg_pools, kept = [], [], []
+        for d, weight in enumerate(weights):
+            pool = np.flatnonzero(mask & (dataset == d))
+            if pool.size == 0:
+                continue
+            fg = pool[cache.index["foreground"][pool] > 0]
+            self.pools.append(pool)
+            self.fg_pools.append(fg if fg.size else pool)
+            kept.append(weight)
+        if not self.pools:
+            raise DataError([f"{cache.path}: no slices to sample from"], "empty training set")
+        self.probs = np.asarray(kept, dtype=np.float64) / np.sum(kept)
+        self.batch_size = batch_size
+        self.samples_per_epoch = samples_per_epoch or int(mask.sum())
+        self.foreground_fraction = foreground_fraction
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    def __len__(self) -> int:
+        return max(1, self.samples_per_epoch // self.batch_size)
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """All batches of an epoch, ``[len(self), batch_size]`` slice indices."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self) * self.batch_size
+        which = rng.choice(len(self.pools), size=n, p=self.probs)
+        force_fg = rng.random(n) < self.foreground_fraction
+        picks = np.empty(n, dtype=np.int64)
+        for d, (pool, fg) in enumerate(zip(self.pools, self.fg_pools, strict=True)):
+            for use_fg, source in ((False, pool), (True, fg)):
+                sel = (which == d) & (force_fg == use_fg)
+                picks[sel] = source[rng.integers(0, source.size, int(sel.sum()))]
+        return picks.reshape(len(self), self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        yield from self.epoch_batches(self.epoch)[self.start_batch :]
+
+
+class SliceBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose "index" is a whole array of slice indices: one read per batch."""
+
+    def __init__(self, cache: SliceCache) -> None:
+        self.cache = cache
+        self.dataset = torch.from_numpy(cache.index["dataset"].astype(np.int64))
+        self.modality = torch.from_numpy(cache.index["modality"].astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        images, labels = self.cache.read(indices)
+        idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return {
+            "image": torch.from_numpy(images).unsqueeze(1),
+            "label": torch.from_numpy(labels.astype(np.int64)),
+            "modality": self.modality[idx],
+            "dataset": self.dataset[idx],
+            "index": idx,
+        }
+
+
+def make_loader(
+    cache: SliceCache,
+    sampler: BalancedBatchSampler,
+    workers: int = 2,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding ready batches from the cache (``workers`` processes prefetching)."""
+    return torch.utils.data.DataLoader(
+        SliceBatches(cache),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )

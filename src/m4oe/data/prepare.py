@@ -1,0 +1,436 @@
+"""``m4oe prepare``: check every case, compute normalisation statistics, and write the slice cache.
+
+The cache is a folder:
+
+* ``images.npy`` ``[N, S, S]`` float16 (or uint8 with a per-slice affine, ``--storage uint8``) and
+  ``labels.npy`` ``[N, S, S]`` uint8 (union-vocabulary class indices), both memory-mapped;
+* ``index.npz``: per slice its dataset, case, slice number, modality, foreground fraction and the
+  affine that turns stored values back into normalised intensities;
+* ``meta.json``: vocabulary, label sets, modalities, normalisation statistics, every case's source
+  files, geometry, orientation, slice plan and fold, plus a fingerprint of the inputs.
+
+Work happens in two passes over the cases (in parallel worker processes): pass 1 reads every case and
+collects all problems (nothing is written if there is any) and the CT foreground samples; pass 2
+normalises, fits and stores the slices. The cache is built in a temporary folder and renamed into
+place when complete, so an interrupted run never leaves a cache that looks finished. Re-running on
+unchanged inputs is a no-op (same fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ExperimentConfig, build_vocabulary
+from .datasets import Case, DataError, DatasetSource, assign_folds, open_dataset
+from .normalize import ct_statistics, normalize, sample_foreground, scheme_statistics
+
+CACHE_FORMAT = 1
+STORAGE_TYPES = ("float16", "uint8")
+
+
+@dataclass
+class PrepareResult:
+    path: Path
+    num_slices: int
+    num_cases: int
+    size_bytes: int
+    up_to_date: bool
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------------
+# discovery
+# ------------------------------------------------------------------------------------------------
+
+
+def discover(config: ExperimentConfig, problems: list[str]) -> list[DatasetSource]:
+    """Open every dataset of the config; problems found are appended to ``problems``."""
+    sources = [open_dataset(d, problems) for d in config.datasets]
+    names = [s.name for s in sources if s is not None]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"dataset name {name!r} is used twice; give each dataset a distinct 'name'")
+    return [s for s in sources if s is not None]
+
+
+def _fingerprint(sources: list[DatasetSource], img_size: int, storage: str) -> str:
+    def stat(path: Path | None) -> list:
+        if path is None:
+            return []
+        info = path.stat()
+        return [str(path), info.st_size, info.st_mtime_ns]
+
+    payload = {
+        "format": CACHE_FORMAT,
+        "img_size": img_size,
+        "storage": storage,
+        "datasets": [
+            {
+                "name": s.name,
+                "modality": s.modality,
+                "normalization": s.normalization,
+                "labeled": s.labeled,
+                "label_values": s.label_values,
+                "label_map": s.label_map,
+                "split": [s.split.folds, s.split.seed, s.split.group_pattern, s.split.val],
+                "cases": [[c.case_id, stat(c.image), stat(c.label)] for c in s.cases],
+            }
+            for s in sources
+        ],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# pass 1: integrity check (+ foreground samples for CT statistics)
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_case(task: dict[str, Any]) -> dict[str, Any]:
+    from .io import ImageReadError, check_file, read_volume
+
+    problems: list[str] = []
+    out: dict[str, Any] = {"problems": problems}
+    for path in (task["image"], task["label"]):
+        if path is not None:
+            problems.extend(check_file(path))
+    if problems:
+        return out
+    try:
+        image = read_volume(task["image"])
+    except ImageReadError as err:
+        problems.append(str(err))
+        return out
+    if np.issubdtype(image.array.dtype, np.floating):
+        bad = int((~np.isfinite(image.array)).sum())
+        if bad:
+            problems.append(f"{task['image']}: {bad} NaN/Inf voxels")
+    out.update(shape=image.array.shape, spacing=image.spacing_zyx, orientation=image.orientation)
+    out["geometry"] = image.geometry.to_dict()
+    if task["label"] is None:
+        return out
+    try:
+        label = read_volume(task["label"])
+    except ImageReadError as err:
+        problems.append(str(err))
+        return out
+    mismatch = image.geometry.mismatch(label.geometry)
+    if label.array.shape != image.array.shape:
+        problems.append(
+            f"{task['label']}: shape {label.array.shape[::-1]} does not match image {task['image']} "
+            f"shape {image.array.shape[::-1]} (x, y, z)"
+        )
+    elif mismatch:
+        problems.append(f"{task['label']}: geometry differs from image {task['image']}: {mismatch}")
+    values = np.unique(label.array)
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values) & (values == np.round(values))):
+        problems.append(f"{task['label']}: label values are not integers")
+    else:
+        unknown = sorted(set(values.astype(np.int64).tolist()) - set(task["allowed"]))
+        if unknown:
+            problems.append(
+                f"{task['label']}: label values {unknown[:10]} are not in dataset.json "
+                f"(known: {sorted(task['allowed'])})"
+            )
+    if task["sample"] and not problems:
+        rng = np.random.default_rng(task["seed"])
+        out["samples"] = sample_foreground(image.array, label.array, rng)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# pass 2: normalise, fit, store
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_case(task: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from .io import read_volume
+    from .resample import SlicePlan, fit_slices
+
+    image = read_volume(task["image"])
+    plan = SlicePlan.fit(image.array.shape[1:], image.spacing_zyx[1:], task["size"])
+    slices = fit_slices(normalize(image.array, task["stats"]), plan).numpy()
+    if task["label"] is not None:
+        label = read_volume(task["label"]).array.astype(np.int64)
+        lut = np.asarray(task["lut"], dtype=np.uint8)
+        label_slices = fit_slices(torch.from_numpy(lut[label]), plan, is_label=True).numpy().astype(np.uint8)
+    else:
+        label_slices = np.zeros(slices.shape, dtype=np.uint8)
+    start, count = task["start"], slices.shape[0]
+    images = np.load(task["images_path"], mmap_mode="r+")
+    labels = np.load(task["labels_path"], mmap_mode="r+")
+    if task["storage"] == "uint8":
+        lo, hi = float(slices.min()), float(slices.max())
+        scale = (hi - lo) / 255.0 if hi > lo else 1.0
+        images[start : start + count] = np.round((slices - lo) / scale).clip(0, 255).astype(np.uint8)
+        affine = (scale, lo)
+    else:
+        images[start : start + count] = slices.astype(np.float16)
+        affine = (1.0, 0.0)
+    labels[start : start + count] = label_slices
+    images.flush()
+    labels.flush()
+    del images, labels
+    return {
+        "plan": plan.to_dict(),
+        "foreground": (label_slices > 0).reshape(count, -1).mean(axis=1).astype(np.float32),
+        "affine": affine,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------------
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run(fn, tasks: list[dict], workers: int, desc: str, progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(tasks), desc=desc, unit="case", disable=None if progress else True, leave=False)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            results = []
+            for task in tasks:
+                results.append(fn(task))
+                bar.update()
+            return results
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+            results = []
+            for result in pool.map(fn, tasks, chunksize=1):
+                results.append(result)
+                bar.update()
+            return results
+    finally:
+        bar.close()
+
+
+def _case_tasks(sources: list[DatasetSource]) -> list[tuple[DatasetSource, Case]]:
+    return [(s, c) for s in sources for c in s.cases]
+
+
+def check(config: ExperimentConfig, workers: int = 2, progress: bool = True):
+    """Pass 1 over every case: returns ``(sources, per-case results)`` or raises :class:`DataError`
+    listing every problem found (discovery and per-case ones together)."""
+    problems: list[str] = []
+    sources = discover(config, problems)
+    pairs = _case_tasks(sources)
+    tasks = [
+        {
+            "image": str(case.image),
+            "label": str(case.label) if case.label is not None else None,
+            "allowed": sorted(source.label_values.values()),
+            "sample": source.normalization == "ct" and source.labeled,
+            "seed": i,
+        }
+        for i, (source, case) in enumerate(pairs)
+    ]
+    present = [t for t in tasks if Path(t["image"]).is_file() and (t["label"] is None or Path(t["label"]).is_file())]
+    results = _run(_check_case, present, workers, "checking", progress)
+    problems += [p for r in results for p in r["problems"]]
+    if problems:
+        raise DataError(problems, "the integrity check failed")
+    return sources, results
+
+
+def _statistics(sources: list[DatasetSource], results: list[dict]) -> dict[str, dict]:
+    stats, k = {}, 0
+    for source in sources:
+        own = results[k : k + len(source.cases)]
+        k += len(source.cases)
+        if source.normalization == "ct":
+            try:
+                stats[source.name] = ct_statistics([r["samples"] for r in own if "samples" in r])
+            except ValueError as err:
+                raise DataError([f"{source.root}: {err} (use normalization: mri or none)"]) from err
+        else:
+            stats[source.name] = scheme_statistics(source.normalization)
+        stats[source.name]["modality"] = source.modality
+    return stats
+
+
+def prepare(
+    config: ExperimentConfig,
+    out: str | os.PathLike,
+    img_size: int | None = None,
+    storage: str = "float16",
+    workers: int = 2,
+    progress: bool = True,
+    force: bool = False,
+) -> PrepareResult:
+    """Check the config's datasets and write their slice cache to ``out``.
+
+    ``img_size`` defaults to the config's model input size. A cache already at ``out`` with the same
+    fingerprint is kept as it is (``up_to_date``), unless ``force``.
+    """
+    from ..model.presets import preset_config
+
+    started = time.perf_counter()
+    if storage not in STORAGE_TYPES:
+        raise ValueError(f"storage must be one of {STORAGE_TYPES}, got {storage!r}")
+    size = img_size or preset_config(config.preset, **config.model_overrides).img_size
+    out = Path(out)
+    problems: list[str] = []
+    sources = discover(config, problems)
+    if problems:
+        check(config, workers, progress)  # raises, listing these and every per-case problem
+    fingerprint = _fingerprint(sources, size, storage)
+    existing = out / "meta.json"
+    if existing.is_file() and not force:
+        try:
+            meta = json.loads(existing.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("complete") and meta.get("fingerprint") == fingerprint:
+            return PrepareResult(
+                out, meta["num_slices"], len(meta["cases"]), _size(out), True, time.perf_counter() - started
+            )
+
+    sources, checks = check(config, workers, progress)
+    stats = _statistics(sources, checks)
+    label_sets = {s.name: s.label_names for s in sources}
+    vocabulary = build_vocabulary(label_sets)
+    if len(vocabulary) > 255:
+        raise DataError([f"{len(vocabulary)} classes in the union vocabulary; at most 255 are supported"])
+    modalities = list(dict.fromkeys(s.modality for s in sources))
+    pairs = _case_tasks(sources)
+    counts = [r["shape"][0] for r in checks]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    total = int(starts[-1])
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        images_path, labels_path = tmp / "images.npy", tmp / "labels.npy"
+        np.lib.format.open_memmap(images_path, "w+", np.dtype(storage), (total, size, size)).flush()
+        np.lib.format.open_memmap(labels_path, "w+", np.uint8, (total, size, size)).flush()
+        tasks = []
+        for i, (source, case) in enumerate(pairs):
+            lut = np.zeros(max(source.label_values.values()) + 1, dtype=np.int64)
+            for value, name in source.value_to_name().items():
+                lut[value] = vocabulary.index(name)
+            tasks.append(
+                {
+                    "image": str(case.image),
+                    "label": str(case.label) if case.label is not None else None,
+                    "lut": lut.tolist(),
+                    "stats": stats[source.name],
+                    "size": size,
+                    "storage": storage,
+                    "start": int(starts[i]),
+                    "images_path": str(images_path),
+                    "labels_path": str(labels_path),
+                }
+            )
+        written = _run(_write_case, tasks, workers, "caching", progress)
+        meta = _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary, modalities)
+        meta.update(format=CACHE_FORMAT, img_size=size, storage=storage, num_slices=total, fingerprint=fingerprint)
+        _write_index(tmp / "index.npz", sources, pairs, written, counts, modalities)
+        meta["complete"] = True
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PrepareResult(out, total, len(pairs), _size(out), False, time.perf_counter() - started)
+
+
+def _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary, modalities) -> dict[str, Any]:
+    folds = {}
+    for source in sources:
+        folds[source.name] = assign_folds([c.case_id for c in source.cases], source.split, str(source.root))
+    cases = []
+    for i, ((source, case), chk, wr) in enumerate(zip(pairs, checks, written, strict=True)):
+        cases.append(
+            {
+                "dataset": source.name,
+                "case_id": case.case_id,
+                "image": str(case.image),
+                "label": str(case.label) if case.label is not None else None,
+                "geometry": chk["geometry"],
+                "orientation": chk["orientation"],
+                "spacing_zyx": list(chk["spacing"]),
+                "shape_zyx": list(chk["shape"]),
+                "plan": wr["plan"],
+                "slice_start": int(starts[i]),
+                "num_slices": int(chk["shape"][0]),
+                "fold": folds[source.name][case.case_id],
+            }
+        )
+    datasets = [
+        {
+            "name": s.name,
+            "path": str(s.root),
+            "modality": s.modality,
+            "labeled": s.labeled,
+            "label_values": {s.label_map.get(n, n): v for n, v in s.label_values.items()} if s.labeled else {},
+            "source_label_values": s.label_values,
+            "label_map": s.label_map,
+            "normalization": stats[s.name],
+            "weight": s.weight,
+            "split": {
+                "folds": s.split.folds,
+                "fold": s.split.fold,
+                "seed": s.split.seed,
+                "group_pattern": s.split.group_pattern,
+                "val": list(s.split.val) if s.split.val else None,
+            },
+            "num_cases": len(s.cases),
+        }  # fmt: skip
+        for s in sources
+    ]
+    return {
+        "modalities": modalities,
+        "class_names": vocabulary,
+        "label_sets": label_sets,
+        "datasets": datasets,
+        "cases": cases,
+    }
+
+
+def _write_index(path: Path, sources, pairs, written, counts, modalities) -> None:
+    names = [s.name for s in sources]
+
+    def per_slice(values, dtype) -> np.ndarray:
+        return np.repeat(np.asarray(values, dtype=dtype), counts)
+
+    np.savez(
+        path,
+        dataset=per_slice([names.index(s.name) for s, _ in pairs], np.int16),
+        modality=per_slice([modalities.index(s.modality) for s, _ in pairs], np.int16),
+        labeled=per_slice([s.labeled for s, _ in pairs], bool),
+        case=per_slice(range(len(pairs)), np.int32),
+        z=np.concatenate([np.arange(n, dtype=np.int32) for n in counts]),
+        foreground=np.concatenate([w["foreground"] for w in written]),
+        scale=per_slice([w["affine"][0] for w in written], np.float32),
+        offset=per_slice([w["affine"][1] for w in written], np.float32),
+    )
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
