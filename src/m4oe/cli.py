@@ -89,6 +89,79 @@ def prepare(
     )
 
 
+def _load(config: Path, epochs: int | None = None, pretrain_epochs: int | None = None):
+    from dataclasses import replace
+
+    from .config import load_experiment
+
+    experiment = load_experiment(config)
+    train = dict(experiment.train)
+    if epochs is not None:
+        train["epochs"] = epochs
+    if pretrain_epochs is not None:
+        train["pretrain_epochs"] = pretrain_epochs
+    return replace(experiment, train=train)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/red] {err}", highlight=False)
+    raise typer.Exit(1) from err
+
+
+@app.command()
+def pretrain(
+    config: Path = typer.Argument(..., help="Experiment YAML."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+    cache: Path = typer.Option(None, help="Slice cache (default: cache/<config name>; built if needed)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    epochs: int = typer.Option(None, help="Override train.pretrain_epochs."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+) -> None:
+    """Phase 1: MAE pre-training of each modality's expert (images only; labels not needed)."""
+    from .config import ConfigError
+    from .data.datasets import DataError
+    from .train.loop import TrainingDiverged
+    from .train.pretrain import run_pretrain
+
+    try:
+        history = run_pretrain(_load(config, pretrain_epochs=epochs), out, cache, resume=resume, device=device)
+    except (ConfigError, DataError, TrainingDiverged, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    last = history.rows[-1] if history.rows else {}
+    console.print(f"pre-training done: loss {last.get('loss', float('nan')):.4f}; bundle in {out / 'last'}")
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Experiment YAML."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+    init: Path = typer.Option(None, help="A pretrain run folder: start from its encoder and experts."),
+    cache: Path = typer.Option(None, help="Slice cache (default: cache/<config name>; built if needed)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    epochs: int = typer.Option(None, help="Override train.epochs."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+) -> None:
+    """Phase 2: gated end-to-end fine-tuning (from scratch without --init); baselines by config."""
+    from .bundle import BundleError
+    from .config import ConfigError
+    from .data.datasets import DataError
+    from .train.finetune import run_train
+    from .train.loop import TrainingDiverged
+
+    try:
+        histories = run_train(_load(config, epochs=epochs), out, cache, init=init, resume=resume, device=device)
+    except (ConfigError, DataError, BundleError, TrainingDiverged, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    for name, history in histories.items():
+        dice = [r["val_dice"] for r in history.rows if "val_dice" in r]
+        where = out / name if name != "all" else out
+        if dice:
+            summary = f"best validation Dice {max(dice):.4f} (bundle {where / 'best'}), last bundle {where / 'last'}"
+        else:
+            summary = f"no validation; last bundle {where / 'last'}"
+        console.print(f"{name}: {summary}", highlight=False)
+
+
 def main() -> None:
     app()
 

@@ -191,6 +191,70 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (the ``train:`` section); phase-1 settings live under ``train.pretrain``.
+
+    Defaults follow the paper (AdamW, weight decay 1e-4, batch 36) with a linear warm-up and a
+    cosine decay of the learning rate per step.
+    """
+
+    epochs: int = 100
+    batch_size: int = 36
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    samples_per_epoch: int | None = None  # default: the number of training slices
+    val_every: int = 5  # epochs; 0 = never
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
+    workers: int = 2
+    seed: int = 0
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+    grad_clip: float = 12.0
+    foreground_fraction: float = 0.33
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    augment: bool = True
+    routing: str | None = None  # override the model's routing mode for training
+    baseline: str | None = None  # "per_modality": one model per modality (paradigm a)
+    # phase 1 (MAE)
+    pretrain_epochs: int = 50
+    pretrain_lr: float = 1.5e-4
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "lr", "workers", "pretrain_epochs", "pretrain_lr")
+        for name in positive:
+            value = getattr(self, name)
+            if name == "workers" and value == 0:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"train.{name} must be a positive number, got {value!r}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ConfigError(f"train.amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"train.compile must be auto, on or off, got {self.compile!r}")
+        if self.routing is not None and self.routing not in ROUTING_MODES:
+            raise ConfigError(f"train.routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.baseline not in (None, "per_modality"):
+            raise ConfigError(f"train.baseline must be per_modality or left out, got {self.baseline!r}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"train.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ConfigError(f"train.foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"train: unknown keys {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: datasets, model and (later) training settings, from one YAML file."""
 
@@ -207,6 +271,10 @@ class ExperimentConfig:
     @property
     def model_overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model.items() if k != "preset"}
+
+    @property
+    def training(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.train)
 
 
 _DATASET_KEYS = {
@@ -310,6 +378,7 @@ def parse_experiment(values: Any, base_dir: str | Path = ".", source: str | None
         overrides = {k: v for k, v in model.items() if k != "preset"}
         ModelConfig().replace(**overrides)  # unknown or invalid model keys fail here
         train = dict(_expect(values.get("train") or {}, dict, "train"))
+        TrainConfig.from_dict(train)  # unknown or invalid training keys fail here
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     return ExperimentConfig(datasets=parsed, model=model, split=split, train=train, source=source)

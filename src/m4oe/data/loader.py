@@ -151,6 +151,7 @@ class BalancedBatchSampler:
         self.seed = seed
         self.epoch = 0
         self.start_batch = 0
+        self.part = slice(None)
 
     def __len__(self) -> int:
         return max(1, self.samples_per_epoch // self.batch_size)
@@ -168,11 +169,19 @@ class BalancedBatchSampler:
                 picks[sel] = source[rng.integers(0, source.size, int(sel.sum()))]
         return picks.reshape(len(self), self.batch_size)
 
+    def shard(self, rank: int, world: int) -> None:
+        """Yield only this process's contiguous share of every batch (data-parallel training)."""
+        if self.batch_size % world:
+            raise ValueError(f"batch size {self.batch_size} is not divisible by {world} processes")
+        share = self.batch_size // world
+        self.part = slice(rank * share, (rank + 1) * share)
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        yield from self.epoch_batches(self.epoch)[self.start_batch :]
+        for batch in self.epoch_batches(self.epoch)[self.start_batch :]:
+            yield batch[self.part]
 
 
 class SliceBatches(torch.utils.data.Dataset):
@@ -209,6 +218,7 @@ def make_loader(
         SliceBatches(cache),
         sampler=sampler,
         batch_size=None,
+        generator=torch.Generator().manual_seed(0),  # leave the global RNG (drop path) untouched
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=False,

@@ -1,0 +1,84 @@
+"""Pieces both training phases use: the slice cache of a config, the model it implies, run metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, ExperimentConfig
+from ..data.loader import SliceCache
+from ..model.presets import create_model, preset_config
+from ..model.unet import M4oEUNet
+from .loop import Runtime, _barrier
+
+
+def default_cache_dir(experiment: ExperimentConfig) -> Path:
+    stem = Path(experiment.source).stem if experiment.source else "experiment"
+    return Path("cache") / stem
+
+
+def ensure_cache(experiment: ExperimentConfig, cache_dir: Path | None, runtime: Runtime, progress: bool = True):
+    """Open the config's slice cache, preparing it first if needed (a no-op when up to date)."""
+    from ..data.prepare import prepare
+
+    cache_dir = Path(cache_dir or default_cache_dir(experiment))
+    img_size = preset_config(experiment.preset, **experiment.model_overrides).img_size
+    if runtime.main:
+        prepare(experiment, cache_dir, img_size=img_size, progress=progress)
+    _barrier(runtime)
+    cache = SliceCache(cache_dir)
+    if cache.img_size != img_size:
+        raise ConfigError(f"{cache_dir}: cache slices are {cache.img_size} px but the model takes {img_size} px")
+    return cache
+
+
+def model_for(experiment: ExperimentConfig, cache: SliceCache, datasets: list[str] | None = None) -> M4oEUNet:
+    """The config's model over the cache's modalities and label sets (or a subset of datasets)."""
+    names = datasets or cache.dataset_names
+    label_sets = {n: cache.label_sets[n] for n in names}
+    modalities = [m for m in cache.modalities if any(_modality(cache, n) == m for n in names)]
+    return create_model(experiment.preset, modalities=modalities, label_sets=label_sets, **experiment.model_overrides)
+
+
+def _modality(cache: SliceCache, dataset: str) -> str:
+    return next(d["modality"] for d in cache.meta["datasets"] if d["name"] == dataset)
+
+
+def inference_metadata(cache: SliceCache, model: M4oEUNet, phase: str, train: dict[str, Any]) -> dict[str, Any]:
+    """What ``predict`` needs besides the weights: per-dataset modality, normalisation, label values."""
+    datasets = {
+        d["name"]: {
+            "modality": d["modality"],
+            "normalization": d["normalization"],
+            "label_values": d["label_values"],
+        }
+        for d in cache.meta["datasets"]
+        if d["name"] in model.label_sets
+    }
+    return {
+        "phase": phase,
+        "img_size": cache.img_size,
+        "datasets": datasets,
+        "cache_fingerprint": cache.meta.get("fingerprint"),
+        "train": train,
+    }
+
+
+def write_run_config(out: Path, experiment: ExperimentConfig, extra: dict[str, Any]) -> None:
+    """The resolved config of a run, next to its results."""
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {
+        "model": {"preset": experiment.preset, **experiment.model_overrides},
+        "train": experiment.training.__dict__,
+        "datasets": [
+            {k: v for k, v in d.__dict__.items() if v is not None and k != "split"} for d in experiment.datasets
+        ],
+        **extra,
+    }
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=list)), sort_keys=False))
+    os.replace(tmp, out / "config.yaml")

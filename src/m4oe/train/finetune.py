@@ -1,0 +1,134 @@
+"""``m4oe train``: phase 2, gated end-to-end fine-tuning (or training from scratch), and baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..bundle import load_bundle
+from ..config import ExperimentConfig
+from ..data.loader import SliceCache
+from ..model.mae import load_pretrained
+from ..model.unet import M4oEUNet
+from .common import ensure_cache, inference_metadata, model_for, write_run_config
+from .loop import History, Runtime, fit, freeze_unused_gates, setup_runtime
+from .losses import segmentation_loss
+from .validate import validate
+
+
+class SegmentationTask:
+    """Cross-entropy + Dice over each sample's own label set; validation Dice on whole volumes.
+
+    The model may cover a subset of the cache's datasets (the per-modality baseline): cache dataset,
+    modality and class indices are translated to the model's.
+    """
+
+    name = "train"
+
+    def __init__(self, model: M4oEUNet, cache: SliceCache, routing: str, ce_weight: float, dice_weight: float,
+                 device: torch.device, val_batch: int = 32) -> None:  # fmt: skip
+        self.model, self.module, self.cache, self.routing = model, model, cache, routing
+        self.ce_weight, self.dice_weight, self.device, self.val_batch = ce_weight, dice_weight, device, val_batch
+        self.dataset_map = {cache.dataset_names.index(n): i for i, n in enumerate(model.dataset_names)}
+        self.modality_map = {cache.modalities.index(m): i for i, m in enumerate(model.modalities)}
+        self.dataset_lut = _lut(self.dataset_map, len(cache.dataset_names)).to(device)
+        self.modality_lut = _lut(self.modality_map, len(cache.modalities)).to(device)
+        classes = {cache.class_names.index(c): i for i, c in enumerate(model.class_names)}
+        self.class_lut = _lut(classes, len(cache.class_names)).to(device)
+        self.model_to_cache_class = np.array([cache.class_names.index(c) for c in model.class_names])
+        freeze_unused_gates(model, routing)
+
+    def loss(self, batch: dict[str, Tensor], module: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
+        dataset = self.dataset_lut[batch["dataset"]]
+        modality = self.modality_lut[batch["modality"]]
+        logits = module(batch["image"], modality, dataset, routing=self.routing)
+        classes = self.model.head.label_mask[dataset]
+        return segmentation_loss(logits, self.class_lut[batch["label"]], classes, self.ce_weight, self.dice_weight)
+
+    def validate(self, autocast) -> dict | None:
+        self.model.set_routing(self.routing)
+        return validate(
+            self.model,
+            self.cache,
+            self.device,
+            batch_size=self.val_batch,
+            autocast=autocast,
+            dataset_map=self.dataset_map,
+            modality_map=self.modality_map,
+            class_map=self.model_to_cache_class,
+        )
+
+    def bundle_extra(self) -> dict[str, Any]:
+        return inference_metadata(self.cache, self.model, "train", {"routing": self.routing})
+
+
+def _lut(mapping: dict[int, int], size: int) -> Tensor:
+    lut = torch.full((size,), -1, dtype=torch.long)
+    for src, dst in mapping.items():
+        lut[src] = dst
+    return lut
+
+
+def run_train(
+    experiment: ExperimentConfig,
+    out: str | Path,
+    cache_dir: str | Path | None = None,
+    init: str | Path | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+) -> dict[str, History]:
+    """Train the config's model (or one model per modality) and return the history of each run."""
+    out = Path(out)
+    runtime = setup_runtime(device)
+    cache = ensure_cache(experiment, cache_dir, runtime, progress)
+    config = experiment.training
+    if config.baseline == "per_modality":
+        groups = {m: [d["name"] for d in cache.meta["datasets"] if d["modality"] == m] for m in cache.modalities}
+    else:
+        groups = {"": cache.dataset_names}
+    histories = {}
+    for modality, datasets in groups.items():
+        run_out = out / modality if modality else out
+        histories[modality or "all"] = _train_one(
+            experiment, cache, datasets, run_out, runtime, init, resume, progress, stop_at_step
+        )
+    return histories
+
+
+def _train_one(experiment, cache, datasets, out: Path, runtime: Runtime, init, resume, progress, stop_at_step):
+    config = experiment.training
+    torch.manual_seed(config.seed)
+    model = model_for(experiment, cache, datasets)
+    routing = config.routing or model.config.routing
+    report = None
+    if init is not None and not resume:
+        pretrained = load_bundle(Path(init) / "last")
+        report = load_pretrained(model, pretrained)
+    task = SegmentationTask(model, cache, routing, config.ce_weight, config.dice_weight, runtime.device)
+    if runtime.main:
+        write_run_config(out, experiment, {"phase": "train", "cache": str(cache.path), "datasets_in_run": datasets,
+                                           "init": str(init) if init else None})  # fmt: skip
+        if report is not None:
+            counts = {k: len(v) for k, v in report.items()}
+            (out / "init_report.json").write_text(json.dumps({"counts": counts, **report}, indent=1))
+    in_run = np.isin(cache.index["dataset"], [cache.dataset_names.index(d) for d in datasets])
+    return fit(
+        task,
+        cache,
+        config,
+        out,
+        runtime,
+        epochs=config.epochs,
+        lr=config.lr,
+        sampler_mask=cache.slice_mask("train") & in_run & cache.index["labeled"],
+        resume=resume,
+        progress=progress,
+        stop_at_step=stop_at_step,
+    )

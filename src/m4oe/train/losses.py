@@ -1,0 +1,56 @@
+"""Segmentation loss over each sample's own label set: cross-entropy + soft Dice.
+
+The model's head already gives classes outside a sample's label set the lowest logit (probability
+zero), so cross-entropy is taken over the sample's own classes. Soft Dice is computed per sample over
+its own foreground classes and averaged per sample, so that the loss of a batch is the mean of its
+samples' losses: splitting a batch over data-parallel processes gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SMOOTH = 1e-5
+
+
+def soft_dice_per_sample(probs: Tensor, target: Tensor, classes: Tensor) -> Tensor:
+    """Soft Dice of each sample, averaged over its foreground classes that are present: ``[B]``.
+
+    A class counts for a sample when it is one of the sample's own classes and it appears in the
+    reference or in the (argmax) prediction, so false-positive organs are penalised while organs
+    absent from a slice and not predicted do not pull the score to zero. A sample with no such class
+    scores 1 (no Dice loss).
+
+    Args:
+        probs: ``[B, K, H, W]`` softmax probabilities.
+        target: ``[B, H, W]`` class indices.
+        classes: ``[B, K]`` bool, the classes each sample's dataset has (background included).
+    """
+    K = probs.shape[1]
+    one_hot = F.one_hot(target, K).permute(0, 3, 1, 2).to(probs.dtype)
+    predicted = F.one_hot(probs.detach().argmax(1), K).amax(dim=(1, 2)).bool()  # [B, K]
+    dims = (2, 3)
+    intersection = (probs * one_hot).sum(dims)
+    denominator = probs.sum(dims) + one_hot.sum(dims)
+    dice = (2 * intersection + SMOOTH) / (denominator + SMOOTH)  # [B, K]
+    counted = classes & ((one_hot.sum(dims) > 0) | predicted)
+    counted[:, 0] = False
+    weights = counted.to(dice.dtype)
+    n = weights.sum(1)
+    return torch.where(n > 0, (dice * weights).sum(1) / n.clamp_min(1), torch.ones_like(n))
+
+
+def segmentation_loss(
+    logits: Tensor, target: Tensor, classes: Tensor, ce_weight: float = 1.0, dice_weight: float = 1.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``ce_weight * CE + dice_weight * (1 - soft Dice)``, each a mean over samples.
+
+    Returns the loss and detached parts (``ce``, ``dice``) for logging (no device sync here).
+    """
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target, reduction="none").mean(dim=(1, 2))
+    dice = soft_dice_per_sample(logits.softmax(1), target, classes)
+    loss = (ce_weight * ce + dice_weight * (1 - dice)).mean()
+    return loss, {"ce": ce.mean().detach(), "dice": dice.mean().detach()}

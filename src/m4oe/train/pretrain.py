@@ -1,0 +1,80 @@
+"""``m4oe pretrain``: phase 1, masked-autoencoder pre-training of each modality's expert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config import ExperimentConfig
+from ..data.loader import SliceCache
+from ..model.mae import MAEPretrainer
+from ..model.unet import M4oEUNet
+from .common import ensure_cache, inference_metadata, model_for, write_run_config
+from .loop import History, fit, freeze_unused_gates, setup_runtime
+
+
+class PretrainTask:
+    """MAE on images only; each sample routed to its modality's expert."""
+
+    name = "pretrain"
+
+    def __init__(self, model: M4oEUNet, cache: SliceCache, mask_ratio: float, norm_pix_loss: bool) -> None:
+        self.model, self.cache = model, cache
+        self.module = MAEPretrainer(model, mask_ratio, norm_pix_loss)
+        freeze_unused_gates(model, "hard")
+
+    def loss(self, batch: dict[str, Tensor], module: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
+        # masks come from the global CPU generator, whose state the checkpoints keep
+        mask = self.module.random_mask(batch["image"].shape[0]).to(batch["image"].device)
+        loss, _ = module(batch["image"], batch["modality"], mask)
+        return loss, {}
+
+    def validate(self, autocast) -> dict | None:
+        return None
+
+    def bundle_extra(self) -> dict[str, Any]:
+        return inference_metadata(self.cache, self.model, "pretrain", {})
+
+
+def pretrain_mask(cache: SliceCache) -> np.ndarray:
+    """Slices phase 1 learns from: training cases, plus every case of unlabeled datasets."""
+    unlabeled = ~cache.index["labeled"]
+    return cache.slice_mask("train") | unlabeled
+
+
+def run_pretrain(
+    experiment: ExperimentConfig,
+    out: str | Path,
+    cache_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+) -> History:
+    out = Path(out)
+    runtime = setup_runtime(device)
+    cache = ensure_cache(experiment, cache_dir, runtime, progress)
+    config = experiment.training
+    torch.manual_seed(config.seed)
+    model = model_for(experiment, cache)
+    task = PretrainTask(model, cache, config.mask_ratio, config.norm_pix_loss)
+    if runtime.main:
+        write_run_config(out, experiment, {"phase": "pretrain", "cache": str(cache.path)})
+    return fit(
+        task,
+        cache,
+        config,
+        out,
+        runtime,
+        epochs=config.pretrain_epochs,
+        lr=config.pretrain_lr,
+        sampler_mask=pretrain_mask(cache),
+        resume=resume,
+        validate=False,
+        progress=progress,
+        stop_at_step=stop_at_step,
+    )

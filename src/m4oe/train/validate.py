@@ -1,0 +1,112 @@
+"""Validation on whole volumes of the held-out fold: 3D Dice per dataset and label, gate statistics.
+
+Slices of each validation case are predicted in batches and stacked; Dice is computed per case and
+label on the volume in the cache's (fitted) slice space, which is what model selection needs. Labels
+empty in both the reference and the prediction give NaN and are left out of the means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+from ..data.loader import SliceCache
+from ..model.unet import M4oEUNet
+
+
+def volume_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> dict[int, float]:
+    """Dice of each class index between two label volumes; NaN where both are empty."""
+    out = {}
+    for k in classes:
+        p, r = pred == k, ref == k
+        total = int(p.sum()) + int(r.sum())
+        out[k] = float("nan") if total == 0 else 2.0 * int((p & r).sum()) / total
+    return out
+
+
+def _nanmean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+@torch.no_grad()
+def validate(
+    model: M4oEUNet,
+    cache: SliceCache,
+    device: torch.device,
+    batch_size: int = 32,
+    autocast=contextlib.nullcontext,
+    split: str = "val",
+    dataset_map: dict[int, int] | None = None,
+    modality_map: dict[int, int] | None = None,
+    class_map: np.ndarray | None = None,
+) -> dict:
+    """Predict every case of ``split`` and score it.
+
+    ``dataset_map`` / ``modality_map`` translate the cache's dataset / modality indices to the
+    model's (for a model trained on a subset of the cache's datasets, e.g. one modality); cases of
+    datasets the model does not know are skipped. ``class_map`` maps the model's class indices to
+    the cache's.
+    """
+    was_training = model.training
+    model.eval()
+    names = cache.dataset_names
+    class_names = cache.class_names
+    per_case, gate_sums, gate_counts = [], {}, {}
+    for case in cache.cases(split):
+        d = names.index(case["dataset"])
+        if dataset_map is not None and d not in dataset_map:
+            continue
+        start, n = case["slice_start"], case["num_slices"]
+        images, labels = cache.read(np.arange(start, start + n))
+        modality = int(cache.index["modality"][start])
+        model_d = dataset_map[d] if dataset_map else d
+        model_m = modality_map[modality] if modality_map else modality
+        preds = []
+        for i in range(0, n, batch_size):
+            chunk = torch.from_numpy(images[i : i + batch_size]).unsqueeze(1).to(device)
+            b = chunk.shape[0]
+            mod = torch.full((b,), model_m, dtype=torch.long, device=device)
+            ds = torch.full((b,), model_d, dtype=torch.long, device=device)
+            with autocast():
+                logits, gates = model(chunk, mod, ds, return_gates=True)
+            preds.append(logits.argmax(1).cpu())
+            if gates:
+                means = torch.stack([g.float().mean(dim=1).sum(0) for g in gates]).cpu()  # [blocks, E]
+                key = cache.modalities[modality]
+                gate_sums[key] = gate_sums.get(key, 0) + means
+                gate_counts[key] = gate_counts.get(key, 0) + b
+        pred = torch.cat(preds).numpy()
+        if class_map is not None:
+            pred = class_map[pred]
+        own = [class_names.index(c) for c in cache.label_sets[case["dataset"]][1:]]
+        dice = volume_dice(pred, labels, own)
+        per_case.append(
+            {
+                "dataset": case["dataset"],
+                "case_id": case["case_id"],
+                "dice": {class_names[k]: v for k, v in dice.items()},
+            }
+        )
+    model.train(was_training)
+    return summarise(per_case, gate_sums, gate_counts)
+
+
+def summarise(per_case: list[dict], gate_sums: dict, gate_counts: dict) -> dict:
+    datasets: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(c["dataset"] for c in per_case):
+        cases = [c for c in per_case if c["dataset"] == name]
+        labels = list(cases[0]["dice"])
+        datasets[name] = {label: _nanmean(c["dice"][label] for c in cases) for label in labels}
+    dataset_mean = {name: _nanmean(values.values()) for name, values in datasets.items()}
+    gates = {m: (gate_sums[m] / gate_counts[m]).tolist() for m in gate_sums}
+    return {
+        "mean_dice": _nanmean(dataset_mean.values()),
+        "dataset_mean_dice": dataset_mean,
+        "dice": datasets,
+        "cases": per_case,
+        "gates": gates,
+    }

@@ -1,0 +1,212 @@
+"""Two-phase training on a tiny real subset (CPU, tiny model): losses, Dice, init, resume, DDP, NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from m4oe import create_model, load_bundle
+from m4oe.config import load_experiment
+from m4oe.model.mae import load_pretrained
+from m4oe.train.finetune import run_train
+from m4oe.train.loop import TrainingDiverged
+from m4oe.train.pretrain import run_pretrain
+
+from .conftest import MICRO, SHARED_DATA
+
+TRAIN = dict(batch_size=8, samples_per_epoch=160, lr=0.002, val_every=5, workers=0, warmup_epochs=0.2, seed=0)
+
+
+def write_config(tmp: Path, **train) -> Path:
+    config = {
+        "model": {"preset": "tiny", **{k: list(v) if isinstance(v, tuple) else v for k, v in MICRO.items()}},
+        "split": {"folds": 2},
+        "train": {**TRAIN, **train},
+        "datasets": [
+            {"path": str(SHARED_DATA / "Dataset001_BTCV"), "name": "BTCV", "modality": "CT", "max_cases": 4},
+            {"path": str(SHARED_DATA / "Dataset002_CHAOS_T2"), "name": "CHAOS", "modality": "MRI", "max_cases": 4},
+        ],
+    }
+    path = tmp / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(workdir):
+    return workdir / "cache"
+
+
+def experiment(workdir: Path, **train):
+    return load_experiment(write_config(workdir, **train))
+
+
+@pytest.fixture(scope="module")
+def pretrained(workdir, cache_dir):
+    out = workdir / "pre"
+    history = run_pretrain(experiment(workdir, pretrain_epochs=4), out, cache_dir, progress=False)
+    return out, history
+
+
+def test_pretrain_loss_falls_on_real_slices(pretrained):
+    out, history = pretrained
+    losses = [row["loss"] for row in history.rows]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] * 0.9
+    bundle = load_bundle(out / "last")
+    assert bundle.bundle_extra["phase"] == "pretrain"
+    assert set(bundle.bundle_extra["datasets"]) == {"BTCV", "CHAOS"}
+
+
+def test_train_loss_falls_and_validation_dice_rises(workdir, cache_dir):
+    out = workdir / "scratch"
+    histories = run_train(experiment(workdir, epochs=15), out, cache_dir, progress=False)
+    rows = histories["all"].rows
+    assert rows[-1]["loss"] < rows[0]["loss"] * 0.75
+    dice = [r["val_dice"] for r in rows if "val_dice" in r]
+    assert len(dice) == 3
+    assert dice[-1] > 0.05  # an untrained model scores ~0 on every organ
+    assert rows[-1]["val_dice_CHAOS"] > 0.1
+    validation = json.loads((out / "validation.json").read_text())
+    assert set(validation["gates"]) == {"CT", "MRI"}
+    assert (out / "metrics.csv").read_text().startswith("epoch,step,loss")
+    assert (out / "curve.png").stat().st_size > 1000
+    best = load_bundle(out / "best")
+    assert best.bundle_extra["datasets"]["CHAOS"]["label_values"]["liver"] == 1
+    assert best.bundle_extra["datasets"]["BTCV"]["normalization"]["scheme"] == "ct"
+
+
+def test_pretrained_encoder_and_experts_are_loaded(pretrained):
+    pre_out, _ = pretrained
+    source = load_file(str(pre_out / "last" / "model.safetensors"))
+    model = create_model("tiny", modalities=["MRI", "CT"], label_sets={"x": ["background", "liver"]}, **MICRO)
+    report = load_pretrained(model, load_bundle(pre_out / "last"))
+    assert report["new_experts"] == []
+    own = dict(model.named_parameters())
+    # experts are matched by modality name: this model's expert 0 is MRI, the pre-trained one's is 1
+    w1 = "encoder.1.blocks.0.mlp.w1"
+    assert torch.equal(own[w1][0], source[w1][1]) and torch.equal(own[w1][1], source[w1][0])
+    for name in ("patch_embed.proj.weight", "encoder.2.blocks.1.attn.qkv.weight", "merges.0.reduction.weight"):
+        assert torch.equal(own[name], source[name])
+    # decoder blocks start from the mirrored encoder blocks (Swin-Unet), gates stay fresh
+    assert torch.equal(own["decoder.0.blocks.1.attn.qkv.weight"], own["encoder.0.blocks.1.attn.qkv.weight"])
+    assert torch.equal(own["decoder.1.blocks.0.mlp.w2"], own["encoder.1.blocks.0.mlp.w2"])
+    assert not torch.equal(own["encoder.0.blocks.0.mlp.gate.weight"], source["encoder.0.blocks.0.mlp.gate.weight"])
+
+
+def test_train_with_init_writes_report(pretrained, workdir, cache_dir):
+    pre_out, _ = pretrained
+    out = workdir / "two_phase"
+    run_train(experiment(workdir, epochs=1, val_every=0), out, cache_dir, init=pre_out, progress=False)
+    report = json.loads((out / "init_report.json").read_text())
+    assert report["counts"]["encoder"] > 20 and report["counts"]["mirrored"] > 20
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def test_resume_after_a_kill_gives_the_same_weights(workdir, cache_dir):
+    settings = dict(epochs=2, samples_per_epoch=48, checkpoint_every=2, val_every=1, augment=True)
+    exp = experiment(workdir, **settings)
+    exp = replace(exp, model={**exp.model, "drop_path_rate": 0.2})  # randomness that must be restored
+    straight = workdir / "straight"
+    run_train(exp, straight, cache_dir, progress=False)
+    killed = workdir / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(exp, killed, cache_dir, progress=False, stop_at_step=9)  # checkpoint at step 8 survives
+    assert torch.load(killed / "last" / "train_state.pt", weights_only=True)["step"] == 8
+    run_train(exp, killed, cache_dir, resume=True, progress=False)
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _column(straight, "loss") == _column(killed, "loss")  # the resumed epoch's mean too
+    assert _column(straight, "val_dice") == _column(killed, "val_dice")
+
+
+def _column(run: Path, name: str) -> list[str]:
+    lines = (run / "metrics.csv").read_text().splitlines()
+    index = lines[0].split(",").index(name)
+    return [line.split(",")[index] for line in lines[1:]]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(workdir, cache_dir, monkeypatch):
+    from m4oe.train import finetune
+
+    real = finetune.segmentation_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, logs = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 6 else loss), logs
+
+    monkeypatch.setattr(finetune, "segmentation_loss", poisoned)
+    out = workdir / "nan"
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 5"):
+        run_train(experiment(workdir, epochs=1, checkpoint_every=4, val_every=0), out, cache_dir, progress=False)
+    state = torch.load(out / "last" / "train_state.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in _weights(out).values() if v.is_floating_point())
+
+
+def test_per_modality_baseline_trains_one_model_each(workdir, cache_dir):
+    out = workdir / "per_modality"
+    histories = run_train(experiment(workdir, epochs=1, baseline="per_modality"), out, cache_dir, progress=False)
+    assert set(histories) == {"CT", "MRI"}
+    ct = load_bundle(out / "CT" / "last")
+    assert ct.modalities == ["CT"] and list(ct.label_sets) == ["BTCV"]
+    assert "val_dice_BTCV" in histories["CT"].rows[-1] and "val_dice_CHAOS" not in histories["CT"].rows[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_match_one(workdir, cache_dir):
+    (workdir / "ddp").mkdir()
+    config = write_config(workdir / "ddp", epochs=1, samples_per_epoch=48, augment=False, val_every=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = ["-m", "m4oe.cli", "train", str(config), "--cache", str(cache_dir), "--device", "cpu"]
+    single = subprocess.run(
+        [sys.executable, *base, "-o", str(workdir / "ddp1")], env=env, capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    double = subprocess.run([*launch, *base, "-o", str(workdir / "ddp2")], env=env, capture_output=True, text=True)
+    assert double.returncode == 0, double.stderr[-3000:]
+    a, b = _weights(workdir / "ddp1"), _weights(workdir / "ddp2")
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=2e-4, rtol=1e-3), key
+    losses = [
+        float((workdir / run / "metrics.csv").read_text().splitlines()[1].split(",")[2]) for run in ("ddp1", "ddp2")
+    ]
+    assert abs(losses[0] - losses[1]) < 1e-4
+    fresh = create_model("tiny", modalities=["CT", "MRI"], label_sets=load_bundle(workdir / "ddp1" / "last").label_sets,
+                         **MICRO)  # fmt: skip
+    assert not torch.equal(fresh.state_dict()["head.proj.weight"], a["head.proj.weight"])  # it did train
