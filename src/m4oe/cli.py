@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(help="M4oE: one segmentation model across imaging modalities.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)
 
 
 @app.callback()
@@ -160,6 +160,132 @@ def train(
         else:
             summary = f"no validation; last bundle {where / 'last'}"
         console.print(f"{name}: {summary}", highlight=False)
+
+
+@app.command()
+def predict(
+    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder (e.g. RUN/best)."),
+    inputs: Path = typer.Option(..., "--input", "-i", help="Image file, folder of images, or DICOM series folder."),
+    out: Path = typer.Option(..., "--output", "-o", help="Folder for the label maps (NIfTI)."),
+    dataset: str = typer.Option(None, help="Label set and normalisation of this training dataset."),
+    modality: str = typer.Option(None, help="Expert of the input; without it the gate decides."),
+    tta: bool = typer.Option(False, help="Average with the left-right mirrored prediction."),
+    keep_largest: bool = typer.Option(False, help="Keep the largest connected component per label."),
+    probabilities: bool = typer.Option(False, help="Also write class probabilities (.npz)."),
+    routing: str = typer.Option(None, help="Override routing: hard (one expert: faster), soft, uniform."),
+    batch_size: int = typer.Option(16, help="Slices per forward pass."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+) -> None:
+    """Segment volumes; label maps keep the input's spacing, origin and direction."""
+    from .bundle import BundleError, load_bundle
+    from .infer.predict import PredictError, Predictor, collect_inputs, predict_paths
+
+    try:
+        bundle = load_bundle(model)
+        predictor = Predictor(bundle, device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing)
+        report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities)
+    except (BundleError, PredictError) as err:
+        _fail(err)
+    for path, weights in report.experts.items():
+        if len(weights) > 1 and modality is None:
+            top = max(weights, key=weights.get)
+            detail = ", ".join(f"{m} {w:.2f}" for m, w in weights.items())
+            console.print(f"{Path(path).name}: expert {top} dominated (mean gate weight {detail})", highlight=False)
+    for path, reason in report.failed:
+        console.print(f"[red]skipped[/red] {path}: {reason}", highlight=False)
+    console.print(f"{len(report.written)} label maps written to {out}", highlight=False)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    gt: Path = typer.Option(..., "--gt", help="Folder of reference label maps."),
+    pred: Path = typer.Option(..., "--pred", help="Folder of predicted label maps (same file names)."),
+    labels: Path = typer.Option(..., "--labels", help="dataset.json naming the labels."),
+    out: Path = typer.Option(Path("summary.json"), "--output", "-o", help="summary.json to write."),
+    nsd_tolerance: float = typer.Option(2.0, help="Surface Dice tolerance in mm."),
+    workers: int = typer.Option(2, help="Worker processes."),
+) -> None:
+    """Dice, IoU, HD95 (mm) and surface Dice per case and label: summary.json/.csv/.md + box plot."""
+    from .eval.evaluate import EvaluationError, evaluate_folders, markdown_table
+
+    try:
+        summary = evaluate_folders(gt, pred, labels, out, nsd_tolerance, workers)
+    except EvaluationError as err:
+        _fail(err)
+    console.print(markdown_table(summary), highlight=False)
+    console.print(f"written {out} (+ .csv, .md, _dice_boxplot.png)", highlight=False)
+
+
+@app.command()
+def overlay(
+    image: Path = typer.Option(..., "--image", "-i", help="Image volume."),
+    out: Path = typer.Option(..., "--output", "-o", help="PNG to write."),
+    gt: Path = typer.Option(None, "--gt", help="Reference label map."),
+    pred: Path = typer.Option(None, "--pred", help="Predicted label map."),
+    labels: Path = typer.Option(None, "--labels", help="dataset.json to name the labels in a legend."),
+) -> None:
+    """Image, reference and prediction through the organ centre: axial, coronal, sagittal."""
+    from .data.io import ImageReadError
+    from .eval.evaluate import read_labels_json
+    from .viz.overlay import overlay_files
+
+    try:
+        names = read_labels_json(labels) if labels else None
+        path = overlay_files(image, out, gt, pred, names)
+    except (ImageReadError, ValueError) as err:
+        _fail(err)
+    console.print(f"written {path}", highlight=False)
+
+
+@app.command()
+def experts(
+    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder."),
+    image: Path = typer.Option(..., "--input", "-i", help="Image volume or DICOM series folder."),
+    out: Path = typer.Option(..., "--output", "-o", help="Folder for experts.png / .csv / .md."),
+    dataset: str = typer.Option(None, help="Label set and normalisation of this training dataset."),
+    modality: str = typer.Option(None, help="Modality of the scan (for normalisation; the gate routes)."),
+    device: str = typer.Option(None, help="cpu or cuda."),
+) -> None:
+    """Maps of the expert the gate favours per token and block, and mean gate weight per expert."""
+    from .bundle import BundleError, load_bundle
+    from .data.io import ImageReadError
+    from .infer.predict import PredictError, Predictor
+    from .viz.experts import render_experts
+
+    try:
+        predictor = Predictor(load_bundle(model), device)
+        table = render_experts(predictor, image, out, dataset, modality)
+    except (BundleError, PredictError, ImageReadError, ValueError) as err:
+        _fail(err)
+    weights = ", ".join(f"{m} {w:.3f}" for m, w in zip(predictor.model.modalities, table["all blocks"], strict=True))
+    console.print(f"mean gate weight over all blocks: {weights}; written {out / 'experts.png'}", highlight=False)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_output"), "--output", "-o", help="Folder for everything the demo makes."),
+    quick: bool = typer.Option(False, help="A much shorter run (seconds; for CI)."),
+    device: str = typer.Option(None, help="cpu or cuda."),
+) -> None:
+    """The whole path on shipped data: prepare, pre-train, train, predict, evaluate, overlay, experts."""
+    from .demo.run import run_demo
+
+    console.print(
+        "m4oe demo: a [bold]tiny[/bold] model trained for a few minutes on 4 MRI volumes and 1 CT shipped with "
+        "the package. It shows the workflow; its Dice is not a result.",
+        highlight=False,
+    )
+    result = run_demo(out, quick=quick, device=device, say=console.print)
+    table = Table(title=f"held-out MRI case, Dice ({result.seconds:.0f} s in all)")
+    for name in result.dice:
+        table.add_column(name, justify="right")
+    table.add_column("mean", justify="right")
+    table.add_row(*(f"{v:.3f}" for v in result.dice.values()), f"{result.mean_dice:.3f}")
+    console.print(table)
+    console.print(f"results in {result.out}/: train/ (bundles, metrics.csv, curve.png), predictions/, "
+                  f"evaluation/summary.json, {result.overlay.name}, experts/experts.png", highlight=False)  # fmt: skip
 
 
 def main() -> None:

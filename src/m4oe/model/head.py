@@ -31,7 +31,9 @@ class DynamicHead(nn.Module):
     def num_classes(self) -> int:
         return self.label_mask.shape[1]
 
-    def forward(self, features: Tensor, dataset: Tensor) -> Tensor:
+    def forward(self, features: Tensor, dataset: Tensor | None) -> Tensor:
         logits = self.proj(features)
+        if dataset is None:  # the union vocabulary: nothing masked
+            return logits
         keep = self.label_mask[dataset][:, :, None, None]  # [B, K, 1, 1]
         return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)

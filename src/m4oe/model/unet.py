@@ -125,7 +125,8 @@ class M4oEUNet(nn.Module):
         Args:
             image: ``[B, 1, S, S]`` normalised slices, ``S = config.img_size``.
             modality: ``[B]`` long, index into ``self.modalities`` (needed for hard routing).
-            dataset: ``[B]`` long, index into ``self.dataset_names``; default: the first dataset.
+            dataset: ``[B]`` long, index into ``self.dataset_names``; None: no masking (the union
+                vocabulary).
             return_gates: also return the gate weights of every M4oE block, ``[B, L, E]`` each.
             routing: override the configured routing mode for this call.
 
@@ -134,8 +135,6 @@ class M4oEUNet(nn.Module):
             when ``return_gates`` the list of per-block gate weights (encoder blocks first).
         """
         self._check_input(image, modality, dataset)
-        if dataset is None:
-            dataset = torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
         gates: list | None = [] if return_gates else None
         x, skips = self.encode(image, modality, routing, gates)
         logits = self.head(self.decode(x, skips, modality, routing, gates), dataset)

@@ -1,0 +1,272 @@
+"""``m4oe predict``: volumes in, label maps out with the input's exact geometry.
+
+Each volume is reoriented to the canonical axis order, normalised with the bundle's statistics of
+the chosen dataset, sliced and fitted to the model input as in training, predicted in batches (bf16
+on GPU), the logits (or flip-averaged probabilities) are resampled back to the original slice grid
+before the argmax, and the label map is written in the file's own orientation, spacing, origin and
+direction, with the chosen dataset's label numbers (or union-vocabulary indices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, read_volume, write_volume
+from ..data.normalize import normalize
+from ..data.resample import SlicePlan, fit_slices, unfit_logits
+from ..model.unet import M4oEUNet
+
+
+class PredictError(ValueError):
+    """The request cannot be served by this model (unknown dataset or modality, missing statistics)."""
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # [z, y, x] in canonical order, output label values
+    class_names: list[str]  # classes that can appear, in output order
+    label_values: list[int]  # their values in ``labels``
+    expert_weights: dict[str, float] = field(default_factory=dict)  # mean gate weight per expert
+    probabilities: np.ndarray | None = None  # [classes, z, y, x] float16, canonical order
+
+    @property
+    def dominant_expert(self) -> str | None:
+        return max(self.expert_weights, key=self.expert_weights.get) if self.expert_weights else None
+
+
+class Predictor:
+    """Segments volumes with a model bundle.
+
+    Args:
+        model: a model loaded with :func:`m4oe.load_bundle` (its ``bundle_extra`` holds the
+            normalisation statistics and label values of every training dataset).
+        device: ``cpu`` or ``cuda`` (default: cuda if available).
+        batch_size: slices per forward pass.
+        tta: average the probabilities of the slice and its left-right mirror.
+        keep_largest: keep only the largest connected component of every class.
+        routing: override the model's routing (``hard`` runs one expert per sample: faster).
+    """
+
+    def __init__(
+        self,
+        model: M4oEUNet,
+        device: str | torch.device | None = None,
+        batch_size: int = 16,
+        tta: bool = False,
+        keep_largest: bool = False,
+        routing: str | None = None,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        if routing is not None:
+            self.model.set_routing(routing)
+        self.batch_size, self.tta, self.keep_largest = batch_size, tta, keep_largest
+        self.datasets = getattr(model, "bundle_extra", {}).get("datasets", {})
+        if self.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def resolve(self, dataset: str | None, modality: str | None) -> dict:
+        """Dataset index, modality index, normalisation and output classes of a request."""
+        model = self.model
+        if dataset is not None and dataset not in model.dataset_names:
+            raise PredictError(f"unknown dataset {dataset!r}; this model knows {model.dataset_names}")
+        if modality is not None and modality not in model.modalities:
+            raise PredictError(f"unknown modality {modality!r}; this model's experts are {model.modalities}")
+        if dataset is None and modality is not None:
+            same = [name for name, info in self.datasets.items() if info.get("modality") == modality]
+            stats_source = same[0] if same else None
+        else:
+            stats_source = dataset
+        if stats_source is None:
+            schemes = {repr(info["normalization"]) for info in self.datasets.values()}
+            if len(self.datasets) != 1 and len(schemes) != 1:
+                raise PredictError(
+                    f"give --dataset or --modality: the model's datasets {list(self.datasets)} are normalised "
+                    "differently"
+                )
+            stats_source = next(iter(self.datasets), None)
+        if stats_source not in self.datasets:
+            raise PredictError("the bundle holds no normalisation statistics (train it with 'm4oe train')")
+        info = self.datasets[stats_source]
+        if modality is None and model.config.routing == "hard":
+            modality = info["modality"]  # hard routing needs the expert; soft lets the gate decide
+        if dataset is None:
+            classes = list(model.class_names)
+            values = list(range(len(classes)))
+        else:
+            classes = list(model.label_sets[dataset])
+            label_values = self.datasets.get(dataset, {}).get("label_values") or {}
+            values = [label_values.get(c, k) for k, c in enumerate(classes)]
+        return {
+            "dataset": None if dataset is None else model.dataset_names.index(dataset),
+            "modality": None if modality is None else model.modalities.index(modality),
+            "normalization": info["normalization"],
+            "class_index": [model.class_names.index(c) for c in classes],
+            "classes": classes,
+            "values": values,
+        }
+
+    @torch.no_grad()
+    def predict_volume(
+        self, volume: Volume, dataset: str | None = None, modality: str | None = None, probabilities: bool = False
+    ) -> Prediction:
+        request = self.resolve(dataset, modality)
+        size = self.model.config.img_size
+        plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], size)
+        slices = fit_slices(normalize(volume.array, request["normalization"]), plan)
+        class_index = torch.tensor(request["class_index"], device=self.device)
+        Z = slices.shape[0]
+        labels = np.zeros(volume.array.shape, dtype=np.int64)
+        probs_out = np.zeros((len(class_index), *volume.array.shape), np.float16) if probabilities else None
+        gate_sum, gate_count = None, 0
+        for start in range(0, Z, self.batch_size):
+            batch = slices[start : start + self.batch_size].unsqueeze(1).to(self.device)
+            b = batch.shape[0]
+            ids = {}
+            for key in ("modality", "dataset"):
+                if request[key] is not None:
+                    ids[key] = torch.full((b,), request[key], dtype=torch.long, device=self.device)
+            with self._autocast():
+                logits, gates = self.model(batch, ids.get("modality"), ids.get("dataset"), return_gates=True)
+                if self.tta:
+                    flipped = self.model(batch.flip(-1), ids.get("modality"), ids.get("dataset"))
+                    scores = (logits.float().softmax(1) + flipped.float().flip(-1).softmax(1)) / 2
+                else:
+                    scores = logits.float()
+            if gates:
+                means = torch.stack([g.float().mean(dim=1).sum(0) for g in gates]).mean(0)  # [E]
+                gate_sum = means if gate_sum is None else gate_sum + means
+                gate_count += b
+            scores = unfit_logits(scores[:, class_index], plan)  # [b, C, Y, X]
+            labels[start : start + b] = scores.argmax(1).cpu().numpy()
+            if probs_out is not None:
+                p = scores if self.tta else scores.softmax(1)
+                probs_out[:, start : start + b] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
+        if self.keep_largest:
+            labels = keep_largest_components(labels)
+        values = np.asarray(request["values"], dtype=np.int64)
+        experts = {}
+        if gate_sum is not None:
+            weights = (gate_sum / gate_count).tolist()
+            experts = {m: round(w, 4) for m, w in zip(self.model.modalities, weights, strict=True)}
+        return Prediction(values[labels], request["classes"], request["values"], experts, probs_out)
+
+
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """Keep, for every class, only its largest 3D connected component (26-connectivity)."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for k in np.unique(labels):
+        if k == 0:
+            continue
+        components, count = ndimage.label(labels == k, structure=structure)
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            out[(components > 0) & (components != 1 + int(np.argmax(sizes)))] = 0
+    return out
+
+
+def output_name(path: Path) -> str:
+    """``case_0000.nii.gz`` -> ``case.nii.gz`` (nnU-Net naming); a DICOM folder -> ``folder.nii.gz``."""
+    if path.is_dir():
+        return f"{path.name}.nii.gz"
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"_\d{4}$", "", name) + ".nii.gz"
+
+
+def collect_inputs(path: Path) -> list[Path]:
+    """A file, a folder of image files, a DICOM series folder, or a folder of DICOM series folders."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise PredictError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES[:-1]))
+    if files:
+        return files
+    if _has_dicom(path):
+        return [path]
+    series = sorted(p for p in path.iterdir() if p.is_dir() and _has_dicom(p))
+    if not series:
+        raise PredictError(f"{path}: no images (NIfTI, NRRD, MHA) or DICOM series found")
+    return series
+
+
+def _has_dicom(folder: Path) -> bool:
+    import SimpleITK as sitk
+
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+@dataclass
+class PredictReport:
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    experts: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def predict_paths(
+    predictor: Predictor,
+    inputs: list[Path],
+    out_dir: Path,
+    dataset: str | None = None,
+    modality: str | None = None,
+    probabilities: bool = False,
+    progress: bool = True,
+) -> PredictReport:
+    """Predict every input; a file that fails is reported and skipped, the others are written."""
+    from tqdm.auto import tqdm
+
+    predictor.resolve(dataset, modality)  # a bad request fails before any file is read
+    out_dir = Path(out_dir)
+    report = PredictReport()
+    for path in tqdm(inputs, desc="predicting", unit="volume", disable=None if progress else True):
+        try:
+            problems = check_file(path) if path.is_file() else []
+            if problems:
+                raise ImageReadError("; ".join(problems))
+            volume = read_volume(path)
+            result = predictor.predict_volume(volume, dataset, modality, probabilities)
+            target = out_dir / output_name(path)
+            dtype = np.uint8 if max(result.label_values) < 256 else np.uint16
+            write_volume(result.labels.astype(dtype), volume.geometry, target, volume.orientation)
+            if result.probabilities is not None:
+                _save_npz(
+                    out_dir / target.name.replace(".nii.gz", "_probabilities.npz"),
+                    probabilities=result.probabilities,  # canonical (LPS) [class, z, y, x]
+                    classes=np.array(result.class_names),
+                    label_values=np.array(result.label_values),
+                )
+            report.written.append(target)
+            report.experts[str(path)] = result.expert_weights
+        except (ImageReadError, ValueError, RuntimeError, OSError) as err:
+            report.failed.append((path, str(err)))
+    return report
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,128 @@
+"""``m4oe experts``: where the gate sends each token, block by block, for a scan.
+
+For the slice with the most predicted foreground, every M4oE block's gate weights are drawn as a map
+of the favoured expert (colour) and its weight (opacity) over the token grid. A table gives the mean
+gate weight of every expert per block over the whole scan: do the experts specialise by modality?
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.normalize import normalize
+from ..data.resample import SlicePlan, fit_slices
+from ..infer.predict import Predictor
+
+
+@torch.no_grad()
+def gate_maps(predictor: Predictor, volume, dataset: str | None, modality: str | None):
+    """Per block: gates of every slice ``[Z, L, E]``; plus the fitted slices and their predictions."""
+    request = predictor.resolve(dataset, modality)
+    model, device = predictor.model, predictor.device
+    plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], model.config.img_size)
+    slices = fit_slices(normalize(volume.array, request["normalization"]), plan)
+    per_block: list[list[torch.Tensor]] = []
+    preds = []
+    for start in range(0, slices.shape[0], predictor.batch_size):
+        batch = slices[start : start + predictor.batch_size].unsqueeze(1).to(device)
+        b = batch.shape[0]
+        mod = None if request["modality"] is None else torch.full((b,), request["modality"], device=device)
+        ds = None if request["dataset"] is None else torch.full((b,), request["dataset"], device=device)
+        with predictor._autocast():
+            logits, gates = model(batch, mod, ds, return_gates=True)
+        preds.append(logits.argmax(1).cpu())
+        for i, g in enumerate(gates):
+            if len(per_block) <= i:
+                per_block.append([])
+            per_block[i].append(g.float().cpu())
+    return [torch.cat(g) for g in per_block], slices, torch.cat(preds)
+
+
+def block_names(model) -> list[str]:
+    names = []
+    for i, stage in enumerate(model.encoder):
+        names += [f"enc{i}.{j}" for j in range(len(stage.blocks)) if hasattr(stage.blocks[j].mlp, "gate")]
+    for i in reversed(range(len(model.decoder))):
+        names += [
+            f"dec{i}.{j}"
+            for j in range(len(model.decoder[i].blocks))
+            if hasattr(model.decoder[i].blocks[j].mlp, "gate")
+        ]
+    return names
+
+
+def render_experts(predictor: Predictor, image: Path, out_dir: Path, dataset: str | None = None,
+                   modality: str | None = None) -> dict:  # fmt: skip
+    """Write ``experts.png``, ``experts.csv`` and ``experts.md`` for one scan; return the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..data.io import read_volume
+
+    model = predictor.model
+    volume = read_volume(image)
+    gates, slices, preds = gate_maps(predictor, volume, dataset, modality)
+    if not gates:
+        raise ValueError("this model has no M4oE layers (a dense baseline): nothing to show")
+    names = block_names(model)
+    experts = model.modalities
+    z = int((preds > 0).flatten(1).sum(1).argmax())
+    table = {name: g.mean(dim=(0, 1)).tolist() for name, g in zip(names, gates, strict=True)}
+    table["all blocks"] = np.mean([v for v in table.values()], axis=0).tolist()
+
+    colours = plt.get_cmap("tab10")(np.arange(len(experts)))[:, :3]
+    cols = 4
+    rows = 1 + (len(gates) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    axes[0, 0].imshow(slices[z], cmap="gray")
+    axes[0, 0].set_title(f"slice {z}")
+    axes[0, 1].imshow(slices[z], cmap="gray")
+    axes[0, 1].imshow(np.ma.masked_equal(preds[z].numpy(), 0), cmap="tab20", alpha=0.5, interpolation="nearest")
+    axes[0, 1].set_title("prediction")
+    for k, (name, g) in enumerate(zip(names, gates, strict=True)):
+        side = int(round(g.shape[1] ** 0.5))
+        weights = g[z].view(side, side, -1).numpy()
+        rgb = colours[weights.argmax(-1)]
+        alpha = (weights.max(-1) - 1 / len(experts)) / (1 - 1 / len(experts) + 1e-9)
+        ax = axes[1 + k // cols, k % cols]
+        ax.imshow(np.dstack([rgb, np.clip(alpha, 0.15, 1)]), interpolation="nearest")
+        ax.set_title(f"{name} ({side}x{side})", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
+    fig.legend(handles, [f"expert {m}" for m in experts], loc="upper right")
+    fig.suptitle(f"{Path(image).name}: favoured expert per token (opacity: gate weight)")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_fig(fig, out_dir / "experts.png")
+    plt.close(fig)
+    _write_table(table, experts, out_dir)
+    return table
+
+
+def _save_fig(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    os.replace(tmp, path)
+
+
+def _write_table(table: dict[str, list[float]], experts: list[str], out_dir: Path) -> None:
+    tmp = out_dir / ".experts.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["block", *experts])
+        for name, weights in table.items():
+            writer.writerow([name, *(f"{w:.4f}" for w in weights)])
+    os.replace(tmp, out_dir / "experts.csv")
+    lines = ["| block | " + " | ".join(experts) + " |", "|" + "---|" * (len(experts) + 1)]
+    lines += [f"| {name} | " + " | ".join(f"{w:.3f}" for w in weights) + " |" for name, weights in table.items()]
+    tmp = out_dir / ".experts.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out_dir / "experts.md")

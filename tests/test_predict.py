@@ -1,0 +1,137 @@
+"""Prediction: exact geometry out (any orientation, DICOM in), label numbers, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from typer.testing import CliRunner
+
+from m4oe import create_model, save_bundle
+from m4oe.cli import app
+from m4oe.config import ModelConfig
+from m4oe.data.io import Geometry
+from m4oe.infer.predict import PredictError, Predictor, collect_inputs, output_name, predict_paths
+from m4oe.model.unet import M4oEUNet
+
+from .conftest import MICRO, SHARED_DATA
+from .data_helpers import write_image
+
+LABELS = ["background", "liver", "spleen"]
+EXTRA = {"datasets": {"phantom": {"modality": "CT", "normalization": {"scheme": "none"},
+                                  "label_values": {"background": 0, "liver": 6, "spleen": 1}}}}  # fmt: skip
+
+
+class ThresholdModel(M4oEUNet):
+    """Stand-in for a trained model: 'liver' wherever the (fitted) slice is brighter than 0.5."""
+
+    def forward(self, image, modality=None, dataset=None, return_gates=False, routing=None):
+        x = image[:, 0]
+        logits = torch.stack([torch.zeros_like(x), (x - 0.5) * 20, torch.full_like(x, -1e4)], dim=1)
+        return (logits, []) if return_gates else logits
+
+
+def threshold_model() -> ThresholdModel:
+    model = ThresholdModel(ModelConfig(**{**MICRO, "depths": (1, 1, 1, 1)}), ["CT"], {"phantom": LABELS})
+    model.bundle_extra = EXTRA
+    return model
+
+
+def l_shape(shape=(7, 40, 30)) -> np.ndarray:
+    image = np.zeros(shape, np.float32)
+    image[1:6, 5:35, 4:10] = 1.0  # vertical bar on the left
+    image[1:6, 28:35, 4:25] = 1.0  # foot to the right, at the bottom
+    return image
+
+
+@pytest.mark.parametrize(
+    "direction",
+    [
+        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),  # RAS, as ACDC
+        (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0),  # axes swapped and z flipped
+    ],
+)
+def test_prediction_keeps_geometry_and_anatomy(tmp_path, direction):
+    image = l_shape()
+    path = write_image(tmp_path / "in" / "case_0000.nii.gz", image, spacing=(0.8, 1.3, 3.0), direction=direction,
+                       origin=(10.0, -20.0, 5.0))  # fmt: skip
+    report = predict_paths(Predictor(threshold_model()), [path], tmp_path / "out", dataset="phantom", progress=False)
+    assert report.failed == []
+    out = sitk.ReadImage(str(tmp_path / "out" / "case.nii.gz"))
+    source = sitk.ReadImage(str(path))
+    assert out.GetSize() == source.GetSize()
+    assert Geometry.of(out).mismatch(Geometry.of(source), tol=1e-6) is None
+    labels = sitk.GetArrayFromImage(out)
+    assert set(np.unique(labels)) <= {0, 6}  # the dataset's own label number for liver
+    agreement = ((labels == 6) == (image > 0.5)).mean()
+    assert agreement > 0.985, agreement  # only resampled edges may differ; a flip would break it
+
+
+def test_dicom_series_input(tmp_path):
+    series = SHARED_DATA / "samples" / "totalsegmentator" / "ct_dicom_20slices"
+    model = create_model("tiny", modalities=["CT"], label_sets={"phantom": LABELS}, **MICRO)
+    model.bundle_extra = EXTRA
+    inputs = collect_inputs(series)
+    assert inputs == [series]
+    report = predict_paths(Predictor(model), inputs, tmp_path, dataset="phantom", progress=False)
+    assert report.failed == [] and report.written == [tmp_path / "ct_dicom_20slices.nii.gz"]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series)))
+    reference = reader.Execute()
+    out = sitk.ReadImage(str(report.written[0]))
+    assert out.GetSize() == reference.GetSize() == (512, 512, 20)
+    assert Geometry.of(out).mismatch(Geometry.of(reference), tol=1e-6) is None
+    assert set(report.experts[str(series)]) == {"CT"}
+
+
+def test_one_corrupt_file_does_not_stop_the_others(tmp_path):
+    for name in ("a_0000.nii.gz", "b_0000.nii.gz", "c_0000.nii.gz"):
+        write_image(tmp_path / "in" / name, l_shape())
+    bad = tmp_path / "in" / "b_0000.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:-100])
+    report = predict_paths(Predictor(threshold_model()), collect_inputs(tmp_path / "in"), tmp_path / "out",
+                           dataset="phantom", progress=False)  # fmt: skip
+    assert [p.name for p in report.written] == ["a.nii.gz", "c.nii.gz"]
+    assert len(report.failed) == 1 and report.failed[0][0] == bad
+    assert "b_0000.nii.gz: unreadable or truncated" in report.failed[0][1]
+    assert not (tmp_path / "out" / "b.nii.gz").exists()
+
+
+def test_unknown_dataset_modality_or_missing_statistics():
+    predictor = Predictor(threshold_model())
+    with pytest.raises(PredictError, match=r"unknown dataset 'BTCV'; this model knows \['phantom'\]"):
+        predictor.resolve("BTCV", None)
+    with pytest.raises(PredictError, match=r"unknown modality 'PET'"):
+        predictor.resolve(None, "PET")
+    bare = create_model("tiny", modalities=["CT"], label_sets={"phantom": LABELS}, **MICRO)
+    with pytest.raises(PredictError, match="no normalisation statistics"):
+        Predictor(bare).resolve("phantom", None)
+
+
+def test_union_vocabulary_without_dataset():
+    request = Predictor(threshold_model()).resolve(None, "CT")
+    assert request["values"] == [0, 1, 2] and request["dataset"] is None
+
+
+def test_cli_predict_reports_bad_file_and_bad_request(tmp_path):
+    model = create_model("tiny", modalities=["CT"], label_sets={"phantom": LABELS}, **MICRO)
+    save_bundle(model, tmp_path / "bundle", extra=EXTRA)
+    write_image(tmp_path / "in" / "a_0000.nii.gz", l_shape(shape=(3, 20, 20)))
+    (tmp_path / "in" / "broken_0000.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    runner = CliRunner()
+    args = ["predict", "-m", str(tmp_path / "bundle"), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--dataset", "phantom"])
+    assert result.exit_code == 1
+    assert "broken_0000.nii.gz" in result.output and "1 label maps written" in result.output
+    assert (tmp_path / "out" / "a.nii.gz").is_file()
+    wrong = runner.invoke(app, [*args, "--dataset", "BTCV"])
+    assert wrong.exit_code == 1 and "unknown dataset 'BTCV'" in wrong.output
+
+
+def test_output_names():
+    from pathlib import Path
+
+    assert output_name(Path("x/case_0000.nii.gz")) == "case.nii.gz"
+    assert output_name(Path("x/scan.mha")) == "scan.nii.gz"
