@@ -179,3 +179,27 @@ def test_flop_count_difference_between_soft_and_hard_routing(micro_model):
             L, C, H = res * res, block.mlp.dim, block.mlp.hidden
             expected += 4 * L * C * H * (E - 1) + 4 * L * C * E
     assert forward_flops(micro_model) - forward_flops(micro_model, routing="hard") == expected
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_window_attention_matches_plain_softmax_attention(shift):
+    from m4oe.model.swin import WindowAttention
+
+    torch.manual_seed(0)
+    attn = WindowAttention(dim=8, num_heads=2, window=2).double()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    x = torch.randn(3, 16, 4, 8, dtype=torch.float64)  # 3 images of 8x8 tokens in 16 windows of 2x2
+    mask = shifted_window_mask(8, 8, 2, shift).double() if shift else None
+    out = attn(x, mask)
+    q, k, v = attn.qkv(x).view(3, 16, 4, 3, 2, 4).permute(3, 0, 1, 4, 2, 5)
+    scores = q @ k.transpose(-1, -2) / 2.0 + attn.position_bias()
+    if mask is not None:
+        scores = scores + mask[:, None]
+    expected = attn.proj((scores.softmax(-1) @ v).transpose(2, 3).reshape(3, 16, 4, 8))
+    assert torch.allclose(out, expected, atol=1e-10)
+    attn.eval()
+    with torch.no_grad():
+        first = attn(x, mask)
+        attn.relative_position_bias_table.add_(torch.randn_like(attn.relative_position_bias_table))  # cache follows
+        assert not torch.allclose(attn(x, mask), first)

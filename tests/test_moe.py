@@ -126,3 +126,14 @@ def test_experts_initialised_from_dense_mlp(hidden_ratio):
     routing = "soft" if hidden_ratio == 1 else "uniform"
     out, _ = layer(x, torch.tensor([0, 2]), routing)
     assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_hard_routing_with_one_shared_expert_equals_per_sample_routing():
+    layer = make_layer()
+    x = torch.randn(4, 6, 12, dtype=torch.float64)
+    per_sample, gates = layer(x, torch.full((4,), 2), "hard")
+    shared, shared_gates = layer(x, 2, "hard")
+    assert torch.allclose(shared, per_sample, atol=1e-12)
+    assert torch.equal(shared_gates, gates)
+    with pytest.raises(ValueError, match="out of range"):
+        layer(x, 3, "hard")

@@ -288,6 +288,72 @@ def demo(
                   f"evaluation/summary.json, {result.overlay.name}, experts/experts.png", highlight=False)  # fmt: skip
 
 
+@app.command()
+def bench(
+    preset: str = typer.Option("m4oe-t", help="Comma-separated presets."),
+    routing: str = typer.Option("soft", help="Comma-separated routing modes: soft, hard, uniform."),
+    precision: str = typer.Option("bf16", help="Comma-separated: fp32, bf16."),
+    batch: int = typer.Option(36, help="Training batch."),
+    infer_batch: int = typer.Option(64, help="Inference batch."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
+    experts: int = typer.Option(3, help="Number of modality experts."),
+    steps: int = typer.Option(20, help="Timed steps per measurement."),
+    warmup: int = typer.Option(5, help="Untimed steps first."),
+    img_size: int = typer.Option(None, help="Override the preset's input size."),
+    peak_tflops: float = typer.Option(None, help="The device's peak TFLOP/s, for the utilisation column."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    quick: bool = typer.Option(False, help="Tiny model, 2 steps: checks the harness (CI)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
+) -> None:
+    """Training/inference slices/s, peak memory, TFLOP/s; fused M4oE layer vs loop reference."""
+    from dataclasses import replace
+
+    from .bench import BenchConfig, bench_model, bench_moe_layer, environment
+
+    base = BenchConfig(batch=batch, infer_batch=infer_batch, compile=compile, experts=experts, steps=steps,
+                       warmup=warmup, img_size=img_size, peak_tflops=peak_tflops)  # fmt: skip
+    if device:
+        base = replace(base, device=device)
+    if quick:
+        base = replace(base, batch=4, infer_batch=4, steps=2, warmup=1)
+        preset = "tiny"
+    rows = []
+    for p in _split(preset):
+        for r in _split(routing):
+            for prec in _split(precision):
+                rows.append(bench_model(replace(base, preset=p, routing=r, precision=prec)))
+    layer = bench_moe_layer(replace(base, precision=_split(precision)[0]), tokens=4096 if quick else None)
+    table = Table(title=f"m4oe bench on {environment(base.device).get('gpu', 'CPU')} (torch {torch_version()})")
+    for col in ("preset", "routing", "precision", "compile", "train sl/s", "train GiB", "train TFLOP/s",
+                "infer sl/s", "infer GiB", "infer TFLOP/s"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for row in rows:
+        cells = [row["preset"], row["routing"], row["precision"], str(row["compile"])]
+        for mode in ("train", "infer"):
+            cells += [
+                f"{row[mode + '_slices_per_s']:.1f}",
+                str(row[mode + "_peak_gib"]),
+                f"{row[mode + '_tflops']:.2f}",
+            ]
+        table.add_row(*cells)
+    console.print(table)
+    console.print(
+        f"M4oE layer ({layer['tokens']} tokens x {layer['dim']}, {layer['experts']} experts, fwd+bwd, "
+        f"{layer['precision']}): fused {layer['fused_ms']} ms, loop reference {layer['loop_ms']} ms, "
+        f"speed-up {layer['speedup']}x"
+    )
+    payload = {"environment": environment(base.device), "models": rows, "moe_layer": layer}
+    typer.echo(json.dumps(payload))
+    if json_out:
+        json_out.write_text(json.dumps(payload, indent=1))
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def main() -> None:
     app()
 

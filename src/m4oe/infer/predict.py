@@ -134,14 +134,14 @@ class Predictor:
         for start in range(0, Z, self.batch_size):
             batch = slices[start : start + self.batch_size].unsqueeze(1).to(self.device)
             b = batch.shape[0]
-            ids = {}
-            for key in ("modality", "dataset"):
-                if request[key] is not None:
-                    ids[key] = torch.full((b,), request[key], dtype=torch.long, device=self.device)
+            modality = request["modality"]  # one int for the whole batch: fast hard routing
+            dataset = None
+            if request["dataset"] is not None:
+                dataset = torch.full((b,), request["dataset"], dtype=torch.long, device=self.device)
             with self._autocast():
-                logits, gates = self.model(batch, ids.get("modality"), ids.get("dataset"), return_gates=True)
+                logits, gates = self.model(batch, modality, dataset, return_gates=True)
                 if self.tta:
-                    flipped = self.model(batch.flip(-1), ids.get("modality"), ids.get("dataset"))
+                    flipped = self.model(batch.flip(-1), modality, dataset)
                     scores = (logits.float().softmax(1) + flipped.float().flip(-1).softmax(1)) / 2
                 else:
                     scores = logits.float()

@@ -43,7 +43,9 @@ class MoEMLP(nn.Module):
 
     Shapes:
         ``x``: ``[B, L, C]``; ``modality``: ``[B]`` long (expert index of each sample, needed for
-        ``hard`` routing and ``gate_modality``). Returns ``(out [B, L, C], gates [B, L, E])``.
+        ``hard`` routing and ``gate_modality``), or a plain ``int`` when every sample shares one
+        expert (inference on one scan: ``hard`` routing then runs that expert's weights directly,
+        without gathering a copy per sample). Returns ``(out [B, L, C], gates [B, L, E])``.
     """
 
     def __init__(
@@ -85,7 +87,10 @@ class MoEMLP(nn.Module):
         if self.modality_embed is not None:
             if modality is None:
                 raise ValueError("gate_modality=True needs the modality of every sample")
-            gate_in = x + self.modality_embed(modality)[:, None, :]
+            if isinstance(modality, int):
+                gate_in = x + self.modality_embed.weight[modality]
+            else:
+                gate_in = x + self.modality_embed(modality)[:, None, :]
         return torch.softmax(self.gate(gate_in), dim=-1)
 
     def forward(self, x: Tensor, modality: Tensor | None = None, routing: str | None = None):
@@ -107,10 +112,19 @@ class MoEMLP(nn.Module):
         w2_cat = self.w2.permute(1, 0, 2).reshape(C, E * H)
         return F.linear(weighted, w2_cat) + gates @ self.b2
 
-    def _hard(self, x: Tensor, modality: Tensor | None):
+    def _hard(self, x: Tensor, modality: Tensor | int | None):
         if modality is None:
             raise ValueError("hard routing needs the modality of every sample")
-        if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= self.num_experts):
+        if isinstance(modality, int):
+            if not 0 <= modality < self.num_experts:
+                raise ValueError(f"modality index out of range [0, {self.num_experts}): got {modality}")
+            e = modality
+            out = F.linear(F.gelu(F.linear(x, self.w1[e], self.b1[e])), self.w2[e], self.b2[e])
+            gates = x.new_zeros(self.num_experts)
+            gates[e] = 1.0
+            return out, gates.expand(*x.shape[:-1], -1)
+        checked = not torch.compiler.is_compiling()  # the check syncs with the device: eager mode only
+        if checked and modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= self.num_experts):
             raise ValueError(f"modality index out of range [0, {self.num_experts}): got {modality.tolist()}")
         w1, b1 = self.w1[modality], self.b1[modality]  # [B, H, C], [B, H]
         w2, b2 = self.w2[modality], self.b2[modality]  # [B, C, H], [B, C]

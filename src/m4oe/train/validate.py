@@ -69,10 +69,9 @@ def validate(
         for i in range(0, n, batch_size):
             chunk = torch.from_numpy(images[i : i + batch_size]).unsqueeze(1).to(device)
             b = chunk.shape[0]
-            mod = torch.full((b,), model_m, dtype=torch.long, device=device)
             ds = torch.full((b,), model_d, dtype=torch.long, device=device)
             with autocast():
-                logits, gates = model(chunk, mod, ds, return_gates=True)
+                logits, gates = model(chunk, model_m, ds, return_gates=True)
             preds.append(logits.argmax(1).cpu())
             if gates:
                 means = torch.stack([g.float().mean(dim=1).sum(0) for g in gates]).cpu()  # [blocks, E]

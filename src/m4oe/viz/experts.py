@@ -31,7 +31,7 @@ def gate_maps(predictor: Predictor, volume, dataset: str | None, modality: str |
     for start in range(0, slices.shape[0], predictor.batch_size):
         batch = slices[start : start + predictor.batch_size].unsqueeze(1).to(device)
         b = batch.shape[0]
-        mod = None if request["modality"] is None else torch.full((b,), request["modality"], device=device)
+        mod = request["modality"]
         ds = None if request["dataset"] is None else torch.full((b,), request["dataset"], device=device)
         with predictor._autocast():
             logits, gates = model(batch, mod, ds, return_gates=True)
@@ -83,9 +83,9 @@ def render_experts(predictor: Predictor, image: Path, out_dir: Path, dataset: st
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
-    axes[0, 0].imshow(slices[z], cmap="gray")
+    axes[0, 0].imshow(slices[z].numpy(), cmap="gray")
     axes[0, 0].set_title(f"slice {z}")
-    axes[0, 1].imshow(slices[z], cmap="gray")
+    axes[0, 1].imshow(slices[z].numpy(), cmap="gray")
     axes[0, 1].imshow(np.ma.masked_equal(preds[z].numpy(), 0), cmap="tab20", alpha=0.5, interpolation="nearest")
     axes[0, 1].set_title("prediction")
     for k, (name, g) in enumerate(zip(names, gates, strict=True)):
