@@ -36,6 +36,8 @@ class BenchConfig:
     warmup: int = 5
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     img_size: int | None = None
+    train: bool = True
+    pure_bf16_infer: bool = False  # inference with bf16 weights and activations (no autocast)
     peak_tflops: float | None = None  # the card's bf16 (or fp32) peak, for the utilisation column
 
 
@@ -99,19 +101,24 @@ def bench_model(cfg: BenchConfig) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
 
-    model.train()
-    _reset_peak(device)
-    seconds = _timed(train_step, cfg.steps, cfg.warmup, device)
-    result["train_slices_per_s"] = round(cfg.batch / seconds, 1)
-    result["train_peak_gib"] = _peak(device)
-    result["train_tflops"] = round(3 * flops * cfg.batch / seconds / 1e12, 2)  # backward ~ 2x forward
+    if cfg.train:
+        model.train()
+        _reset_peak(device)
+        seconds = _timed(train_step, cfg.steps, cfg.warmup, device)
+        result["train_slices_per_s"] = round(cfg.batch / seconds, 1)
+        result["train_peak_gib"] = _peak(device)
+        result["train_tflops"] = round(3 * flops * cfg.batch / seconds / 1e12, 2)  # backward ~ 2x forward
 
     model.eval()
     infer_image = torch.randn(cfg.infer_batch, 1, S, S, device=device)
     infer_modality = 0 if cfg.routing == "hard" else torch.arange(cfg.infer_batch, device=device) % E
+    precision = cfg.precision
+    if cfg.pure_bf16_infer:
+        model.to(torch.bfloat16)
+        infer_image, precision = infer_image.to(torch.bfloat16), "fp32"  # no autocast: already bf16
 
     def infer_step() -> None:
-        with torch.inference_mode(), _autocast(device, cfg.precision):
+        with torch.inference_mode(), _autocast(device, precision):
             forward(infer_image, infer_modality)
 
     optimizer.state.clear()  # free the momentum buffers before measuring inference memory
@@ -122,7 +129,8 @@ def bench_model(cfg: BenchConfig) -> dict[str, Any]:
     result["infer_peak_gib"] = _peak(device)
     result["infer_tflops"] = round(flops * cfg.infer_batch / seconds / 1e12, 2)
     if cfg.peak_tflops:
-        result["train_fraction_of_peak"] = round(result["train_tflops"] / cfg.peak_tflops, 4)
+        if cfg.train:
+            result["train_fraction_of_peak"] = round(result["train_tflops"] / cfg.peak_tflops, 4)
         result["infer_fraction_of_peak"] = round(result["infer_tflops"] / cfg.peak_tflops, 4)
     return result
 

@@ -303,6 +303,8 @@ def bench(
     peak_tflops: float = typer.Option(None, help="The device's peak TFLOP/s, for the utilisation column."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     quick: bool = typer.Option(False, help="Tiny model, 2 steps: checks the harness (CI)."),
+    train: bool = typer.Option(True, "--train/--no-train", help="Measure training (else inference only)."),
+    pure_bf16: bool = typer.Option(False, help="Inference with the model cast to bf16 (no autocast)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
 ) -> None:
     """Training/inference slices/s, peak memory, TFLOP/s; fused M4oE layer vs loop reference."""
@@ -311,7 +313,8 @@ def bench(
     from .bench import BenchConfig, bench_model, bench_moe_layer, environment
 
     base = BenchConfig(batch=batch, infer_batch=infer_batch, compile=compile, experts=experts, steps=steps,
-                       warmup=warmup, img_size=img_size, peak_tflops=peak_tflops)  # fmt: skip
+                       warmup=warmup, img_size=img_size, peak_tflops=peak_tflops, train=train,
+                       pure_bf16_infer=pure_bf16)  # fmt: skip
     if device:
         base = replace(base, device=device)
     if quick:
@@ -328,8 +331,12 @@ def bench(
                 "infer sl/s", "infer GiB", "infer TFLOP/s"):  # fmt: skip
         table.add_column(col, justify="right")
     for row in rows:
-        cells = [row["preset"], row["routing"], row["precision"], str(row["compile"])]
+        precision = "bf16 (pure)" if row["pure_bf16_infer"] else row["precision"]
+        cells = [row["preset"], row["routing"], precision, str(row["compile"])]
         for mode in ("train", "infer"):
+            if f"{mode}_slices_per_s" not in row:
+                cells += ["-", "-", "-"]
+                continue
             cells += [
                 f"{row[mode + '_slices_per_s']:.1f}",
                 str(row[mode + "_peak_gib"]),

@@ -6,8 +6,9 @@ Python loop over experts or samples runs in the forward pass:
 * ``soft`` / ``uniform``: the first layers of all experts are one wide GEMM ``[.., C] -> [.., E*H]``;
   because the second layer is linear, ``sum_e g_e (W2_e h_e + b2_e) = [g_1 h_1 .. g_E h_E] @ W2_cat
   + g @ b2``, a second single GEMM.
-* ``hard``: each sample's tokens go through its modality's expert alone, with the expert weights
-  gathered per sample and applied by batched matmuls (``E`` times fewer FLOPs than ``soft``).
+* ``hard``: each sample's tokens go through its modality's expert alone. When the whole batch shares
+  one expert (inference on a scan) only that expert runs (``E`` times fewer expert FLOPs than
+  ``soft``); a batch mixing modalities uses the fused path with one-hot gates.
 """
 
 from __future__ import annotations
@@ -126,14 +127,11 @@ class MoEMLP(nn.Module):
         checked = not torch.compiler.is_compiling()  # the check syncs with the device: eager mode only
         if checked and modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= self.num_experts):
             raise ValueError(f"modality index out of range [0, {self.num_experts}): got {modality.tolist()}")
-        w1, b1 = self.w1[modality], self.b1[modality]  # [B, H, C], [B, H]
-        w2, b2 = self.w2[modality], self.b2[modality]  # [B, C, H], [B, C]
-        shape = x.shape
-        tokens = x.reshape(shape[0], -1, shape[-1])
-        hidden = F.gelu(torch.baddbmm(b1.unsqueeze(1), tokens, w1.transpose(1, 2)))
-        out = torch.baddbmm(b2.unsqueeze(1).to(hidden.dtype), hidden, w2.transpose(1, 2))
-        gates = F.one_hot(modality, self.num_experts).to(x.dtype)[:, None, :].expand(*shape[:-1], -1)
-        return out.reshape(shape), gates
+        # A batch mixing modalities goes through the fused path with one-hot gates: every token still
+        # gets exactly its own expert's output. Gathering a weight copy per sample instead was slower
+        # (measured on an H200: 473 vs 543 training slices/s for m4oe-t at batch 36).
+        gates = F.one_hot(modality, self.num_experts).to(x.dtype)[:, None, :].expand(*x.shape[:-1], -1)
+        return self._mix(x, gates), gates
 
     @torch.no_grad()
     def load_dense(self, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> None:

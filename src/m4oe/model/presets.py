@@ -80,7 +80,7 @@ def forward_flops(model: M4oEUNet, routing: str | None = None) -> int:
     """FLOPs (2 per multiply-add) of one forward pass on one slice, counted by PyTorch."""
     cfg = model.config
     image = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)
-    modality = torch.zeros(1, dtype=torch.long)
+    modality = 0  # one expert for the whole batch: hard routing runs that expert alone
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter:

@@ -77,20 +77,24 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(N, N, self.num_heads).permute(2, 0, 1)  # [heads, N, N]
 
-    def attention_mask(self, mask: Tensor | None) -> Tensor:
-        """Additive mask of SDPA: position bias (+ shift mask), ``[1, nW*heads or heads, N, N]``.
+    def attention_mask(self, mask: Tensor | None, num_windows: int) -> Tensor:
+        """Additive SDPA mask, position bias (+ shift mask): ``[1, nW * heads, N, N]``.
 
-        In inference (eval mode, no grad) it is cached until the bias table changes.
+        The same layout for shifted and plain blocks keeps every block on the fused attention
+        kernels. In inference (eval mode, no grad, eager) it is cached until the bias table changes.
         """
         cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
-            key = (self.relative_position_bias_table._version, self.relative_position_bias_table.data_ptr())
+            key = (
+                self.relative_position_bias_table._version,
+                self.relative_position_bias_table.data_ptr(),
+                num_windows,
+            )
             if getattr(self, "_mask_key", None) == key:
                 return self._mask_cache
-        combined = self.position_bias()
-        if mask is not None:
-            combined = (combined.unsqueeze(0) + mask.unsqueeze(1)).flatten(0, 1)  # [nW*heads, N, N]
-        combined = combined.unsqueeze(0)
+        bias = self.position_bias().unsqueeze(0)  # [1, heads, N, N]
+        combined = bias + mask.unsqueeze(1) if mask is not None else bias.expand(num_windows, -1, -1, -1)
+        combined = combined.reshape(1, -1, *combined.shape[-2:])
         if cacheable:
             self._mask_key, self._mask_cache = key, combined
         return combined
@@ -101,10 +105,9 @@ class WindowAttention(nn.Module):
         h = self.num_heads
         qkv = self.qkv(windows).view(B, nW, N, 3, h, C // h)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each [B, nW, heads, N, d]
-        # 4D for the fused kernels; the mask broadcasts over the batch without being copied:
-        # shifted blocks fold windows into heads (their mask differs per window), others into batch.
-        fold = (B, nW * h, N, -1) if mask is not None else (B * nW, h, N, -1)
-        attn_mask = self.attention_mask(mask).to(q.dtype)
+        # 4D for the fused kernels: windows folded into heads, so the mask broadcasts over the batch
+        fold = (B, nW * h, N, -1)
+        attn_mask = self.attention_mask(mask, nW).to(q.dtype)
         out = F.scaled_dot_product_attention(q.reshape(fold), k.reshape(fold), v.reshape(fold), attn_mask=attn_mask)
         return self.proj(out.view(B, nW, h, N, -1).transpose(2, 3).reshape(B, nW, N, C))
 
