@@ -1,0 +1,41 @@
+"""The benchmark harness in its quick mode (figures are printed, never asserted as timings)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from m4oe.bench import loop_reference
+from m4oe.cli import app
+from m4oe.model import create_model, forward_flops
+from m4oe.model.moe import MoEMLP
+
+
+def test_bench_quick_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--precision", "fp32", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    (row,) = payload["models"]
+    assert row["preset"] == "tiny" and row["routing"] == "soft"
+    for key in ("train_slices_per_s", "infer_slices_per_s", "train_tflops", "infer_tflops"):
+        assert row[key] > 0, key
+    tiny = create_model("tiny", modalities=["CT", "MRI", "cineMRI"],
+                        label_sets={"data": ["background"] + [f"class_{k}" for k in range(1, 14)]})  # fmt: skip
+    assert row["gflops_forward"] == round(forward_flops(tiny) / 1e9, 3)
+    layer = payload["moe_layer"]
+    assert layer["fused_ms"] > 0 and layer["loop_ms"] > 0
+    assert abs(layer["speedup"] - layer["loop_ms"] / layer["fused_ms"]) < 0.02 * layer["speedup"] + 0.01
+    assert "M4oE layer" in result.output
+
+
+def test_loop_reference_of_the_benchmark_matches_the_fused_layer():
+    layer = MoEMLP(8, 16, 3).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    fused, gates = layer(x, None, "soft")
+    assert torch.allclose(loop_reference(layer, x, gates), fused, atol=1e-12)
