@@ -162,6 +162,41 @@ def train(
         console.print(f"{name}: {summary}", highlight=False)
 
 
+@app.command("add-modality")
+def add_modality(
+    model: Path = typer.Option(..., "--model", "-m", help="Trained model bundle."),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML with the new modality's dataset(s)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+    freeze_old: bool = typer.Option(
+        True, "--freeze-old/--full", help="Train only the new expert, gate row and head rows (or everything)."
+    ),
+    pretrain: bool = typer.Option(False, help="Start the new expert from MAE pre-training on the new data."),
+    cache: Path = typer.Option(None, help="Slice cache of the config (default: cache/<config name>)."),
+    epochs: int = typer.Option(None, help="Override train.epochs."),
+    device: str = typer.Option(None, help="cpu or cuda."),
+) -> None:
+    """Add one modality expert (and the new labels) to a trained model, then train it."""
+    from .bundle import BundleError
+    from .config import ConfigError
+    from .data.datasets import DataError
+    from .train.add_modality import run_add_modality
+
+    mode = "freeze_old" if freeze_old else "full"
+    try:
+        history, info = run_add_modality(model, _load(config, epochs=epochs), out, cache, mode, pretrain, device)
+    except (ConfigError, DataError, BundleError, ValueError) as err:
+        _fail(err)
+    added = info["parameters_added"]
+    console.print(
+        f"added expert {info['modality']} for {info['datasets']}: {added['total']:,} parameters "
+        f"(expert {added['expert']:,}, gates {added['gates']:,}, head {added['head']:,}); mode {mode}",
+        highlight=False,
+    )
+    dice = [r["val_dice"] for r in history.rows if "val_dice" in r]
+    console.print(f"best validation Dice {max(dice):.4f}" if dice else "no validation", highlight=False)
+    console.print(f"bundles in {out / 'best'} and {out / 'last'}", highlight=False)
+
+
 @app.command()
 def predict(
     model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder (e.g. RUN/best)."),

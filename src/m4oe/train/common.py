@@ -21,12 +21,21 @@ def default_cache_dir(experiment: ExperimentConfig) -> Path:
     return Path("cache") / stem
 
 
-def ensure_cache(experiment: ExperimentConfig, cache_dir: Path | None, runtime: Runtime, progress: bool = True):
-    """Open the config's slice cache, preparing it first if needed (a no-op when up to date)."""
+def ensure_cache(
+    experiment: ExperimentConfig,
+    cache_dir: Path | None,
+    runtime: Runtime,
+    progress: bool = True,
+    img_size: int | None = None,
+):
+    """Open the config's slice cache, preparing it first if needed (a no-op when up to date).
+
+    Slices are fitted to ``img_size`` (default: the config's model input size).
+    """
     from ..data.prepare import prepare
 
     cache_dir = Path(cache_dir or default_cache_dir(experiment))
-    img_size = preset_config(experiment.preset, **experiment.model_overrides).img_size
+    img_size = img_size or preset_config(experiment.preset, **experiment.model_overrides).img_size
     if runtime.main:
         prepare(experiment, cache_dir, img_size=img_size, progress=progress)
     _barrier(runtime)

@@ -34,13 +34,20 @@ class SegmentationTask:
                  device: torch.device, val_batch: int = 32) -> None:  # fmt: skip
         self.model, self.module, self.cache, self.routing = model, model, cache, routing
         self.ce_weight, self.dice_weight, self.device, self.val_batch = ce_weight, dice_weight, device, val_batch
-        self.dataset_map = {cache.dataset_names.index(n): i for i, n in enumerate(model.dataset_names)}
-        self.modality_map = {cache.modalities.index(m): i for i, m in enumerate(model.modalities)}
+        # the model may know datasets and modalities the cache does not hold (add-modality), and back
+        self.dataset_map = {cache.dataset_names.index(n): i for i, n in enumerate(model.dataset_names)
+                            if n in cache.dataset_names}  # fmt: skip
+        self.modality_map = {
+            cache.modalities.index(m): i for i, m in enumerate(model.modalities) if m in cache.modalities
+        }
         self.dataset_lut = _lut(self.dataset_map, len(cache.dataset_names)).to(device)
         self.modality_lut = _lut(self.modality_map, len(cache.modalities)).to(device)
-        classes = {cache.class_names.index(c): i for i, c in enumerate(model.class_names)}
+        classes = {cache.class_names.index(c): i for i, c in enumerate(model.class_names) if c in cache.class_names}
         self.class_lut = _lut(classes, len(cache.class_names)).to(device)
-        self.model_to_cache_class = np.array([cache.class_names.index(c) for c in model.class_names])
+        self.model_to_cache_class = np.array(
+            [cache.class_names.index(c) if c in cache.class_names else 0 for c in model.class_names]
+        )
+        self.extra_datasets: dict[str, Any] = {}  # metadata of datasets the cache does not hold
         freeze_unused_gates(model, routing)
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
@@ -64,7 +71,9 @@ class SegmentationTask:
         )
 
     def bundle_extra(self) -> dict[str, Any]:
-        return inference_metadata(self.cache, self.model, "train", {"routing": self.routing})
+        extra = inference_metadata(self.cache, self.model, "train", {"routing": self.routing})
+        extra["datasets"] = {**self.extra_datasets, **extra["datasets"]}
+        return extra
 
 
 def _lut(mapping: dict[int, int], size: int) -> Tensor:

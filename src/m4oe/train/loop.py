@@ -220,7 +220,13 @@ def fit(
     total_steps = epochs * steps_per_epoch
     params = [p for p in module.parameters() if p.requires_grad]
     fused = runtime.device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=fused)
+    # a task may exempt parameters from weight decay (add-modality keeps frozen slices bit-exact)
+    no_decay = {id(p) for p in getattr(task, "no_weight_decay", lambda: [])()}
+    groups = [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)
     warmup = int(config.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, lr, config.min_lr))
     generator = torch.Generator(device=runtime.device).manual_seed(config.seed * 1000 + runtime.rank)

@@ -1,0 +1,250 @@
+"""``m4oe add-modality``: grow a trained model by one modality expert and the new data's labels.
+
+Every M4oE layer gets one more expert and every gate one more output; the head gets rows for the new
+dataset's labels that the vocabulary does not have yet (labels of the same name are reused). The new
+expert starts as a copy, per layer, of the old expert that the gate favours most on the new data (or,
+with ``pretrain``, from a phase-1 MAE pre-training of the new expert alone on the new data).
+
+Two ways to train it:
+
+* ``freeze_old``: only the new expert, the new gate row (and modality embedding) and the head rows of
+  new classes learn; everything else is frozen, slices of stacked tensors included (their gradients
+  are masked and they get no weight decay, so AdamW leaves them bit-exact). Old datasets routed as
+  before (hard routing to their own expert) therefore give bitwise the same predictions. Under soft
+  routing the old experts' gate logits are unchanged too, so an old input's output changes only by
+  the share the softmax now gives the new expert.
+* full fine-tuning: everything learns, with the old datasets replayed when the config lists them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..bundle import load_bundle
+from ..config import ExperimentConfig
+from ..data.loader import SliceCache
+from ..model.moe import MoEMLP
+from ..model.unet import M4oEUNet
+from .common import ensure_cache, write_run_config
+from .finetune import SegmentationTask
+from .loop import History, fit, setup_runtime
+
+NEW_GATE_BIAS = -4.0  # the new expert starts with a small share of every old token (e^-4 ~ 2%)
+
+
+def grow_model(old: M4oEUNet, modality: str, label_sets: dict[str, list[str]]) -> M4oEUNet:
+    """A model with one more expert (``modality``) and the new datasets' label sets, old weights in."""
+    if modality in old.modalities:
+        raise ValueError(f"the model already has an expert for {modality!r}: {old.modalities}")
+    clash = sorted(set(label_sets) & set(old.label_sets))
+    if clash:
+        raise ValueError(f"datasets {clash} are already in the model; give the new data other names")
+    model = M4oEUNet(old.config, [*old.modalities, modality], {**old.label_sets, **label_sets})
+    new_state = model.state_dict()
+    old_state = old.state_dict()
+    old_classes = [model.class_names.index(c) for c in old.class_names]
+    with torch.no_grad():
+        for name, value in new_state.items():
+            if name not in old_state:
+                continue
+            source = old_state[name]
+            if name == "head.label_mask":
+                continue
+            if name == "head.proj.weight":
+                value[old_classes] = source
+            elif source.shape == value.shape:
+                value.copy_(source)
+            elif name.endswith(
+                ("mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2", "gate.weight", "gate.bias", "modality_embed.weight")
+            ):
+                value[: source.shape[0]] = source
+                if name.endswith("gate.weight"):
+                    value[source.shape[0] :] = 0.0
+                elif name.endswith("gate.bias"):
+                    value[source.shape[0] :] = NEW_GATE_BIAS
+            else:
+                raise ValueError(f"cannot grow parameter {name}: {tuple(source.shape)} -> {tuple(value.shape)}")
+    model.bundle_extra = dict(getattr(old, "bundle_extra", {}))
+    return model
+
+
+@torch.no_grad()
+def favoured_experts(old: M4oEUNet, images: Tensor) -> list[int]:
+    """Per M4oE layer, the old expert with the largest mean gate weight on ``images`` (soft routing)."""
+    old.eval()
+    _, gates = old(images, None, None, return_gates=True, routing="soft")
+    return [int(g.float().mean(dim=(0, 1)).argmax()) for g in gates]
+
+
+@torch.no_grad()
+def init_new_expert(model: M4oEUNet, source_experts: list[int]) -> None:
+    """Copy, layer by layer, the chosen old expert into the new (last) expert."""
+    layers = [m for m in _gated_layers(model)]
+    if len(layers) != len(source_experts):
+        raise ValueError("one source expert per M4oE layer is needed")
+    for layer, e in zip(layers, source_experts, strict=True):
+        for p in (layer.w1, layer.b1, layer.w2, layer.b2):
+            p[-1] = p[e]
+
+
+def _gated_layers(model: M4oEUNet) -> list[MoEMLP]:
+    """M4oE layers in the order their gates are returned (encoder first, then decoder as run)."""
+    layers = [b.mlp for s in model.encoder for b in s.blocks if isinstance(b.mlp, MoEMLP)]
+    for i in reversed(range(len(model.decoder))):
+        layers += [b.mlp for b in model.decoder[i].blocks if isinstance(b.mlp, MoEMLP)]
+    return layers
+
+
+def freeze_old(model: M4oEUNet, old_classes: int, old_experts: int):
+    """Freeze everything but the new expert, the new gate row and the new head rows.
+
+    Returns the parameters whose frozen slices must get no weight decay, and the gradient-mask hook
+    handles (``handle.remove()`` undoes the masking).
+    """
+    partial: list[nn.Parameter] = []
+    handles = []
+    new_classes = torch.ones(model.head.num_classes, dtype=torch.bool)
+    new_classes[:old_classes] = False  # new classes are appended after the old vocabulary
+    for name, param in model.named_parameters():
+        keep = None
+        if name.endswith(("mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2", "gate.weight", "gate.bias", "modality_embed.weight")):
+            keep = torch.zeros(param.shape[0], dtype=torch.bool)
+            keep[old_experts:] = True
+        elif name == "head.proj.weight":
+            keep = new_classes
+        if keep is None:
+            param.requires_grad_(False)
+            continue
+        mask = keep.view(-1, *([1] * (param.ndim - 1))).to(param.dtype)
+        handles.append(param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device)))
+        partial.append(param)
+    return partial, handles
+
+
+class AddModalityTask(SegmentationTask):
+    name = "add-modality"
+
+    def __init__(self, *args, no_decay: list[nn.Parameter] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._no_decay = no_decay or []
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return self._no_decay
+
+
+def parameters_added(old: M4oEUNet, new: M4oEUNet) -> dict[str, int]:
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    experts = sum(p[-1].numel() for layer in _gated_layers(new) for p in (layer.w1, layer.b1, layer.w2, layer.b2))
+    gates = sum(layer.gate.weight.shape[1] + 1 for layer in _gated_layers(new))
+    head = (new.head.num_classes - old.head.num_classes) * new.head.proj.weight.shape[1]
+    return {"total": count(new) - count(old), "expert": experts, "gates": gates, "head": head}
+
+
+def run_add_modality(
+    bundle: str | Path,
+    experiment: ExperimentConfig,
+    out: str | Path,
+    cache_dir: str | Path | None = None,
+    mode: str = "freeze_old",
+    pretrain: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> tuple[History, dict[str, Any]]:
+    """Add the config's new modality to the model in ``bundle`` and train it; see the module docstring."""
+    if mode not in ("freeze_old", "full"):
+        raise ValueError(f"mode must be freeze_old or full, got {mode!r}")
+    out = Path(out)
+    runtime = setup_runtime(device)
+    old = load_bundle(bundle)
+    cache = ensure_cache(experiment, cache_dir, runtime, progress, img_size=old.config.img_size)
+    new_datasets = [d for d in cache.dataset_names if d not in old.label_sets]
+    new_modalities = sorted({_modality(cache, d) for d in new_datasets} - set(old.modalities))
+    if len(new_modalities) != 1:
+        raise ValueError(
+            f"the config must bring exactly one new modality (the model has {old.modalities}); found "
+            f"{new_modalities} in datasets {new_datasets}"
+        )
+    modality = new_modalities[0]
+    model = grow_model(old, modality, {d: cache.label_sets[d] for d in new_datasets})
+    config = experiment.training
+    torch.manual_seed(config.seed)
+    new_slices = np.isin(cache.index["dataset"], [cache.dataset_names.index(d) for d in new_datasets])
+    train_new = np.flatnonzero(cache.slice_mask("train") & new_slices)
+    if pretrain:
+        _pretrain_new_expert(model, experiment, cache, out / "pretrain", runtime, progress)
+    else:
+        sample = train_new[np.linspace(0, len(train_new) - 1, min(32, len(train_new))).astype(int)]
+        images = torch.from_numpy(cache.read(sample)[0]).unsqueeze(1)
+        init_new_expert(model, favoured_experts(old, images))
+    no_decay = freeze_old(model, len(old.class_names), len(old.modalities))[0] if mode == "freeze_old" else []
+    routing = config.routing or model.config.routing
+    task = AddModalityTask(model, cache, routing, config.ce_weight, config.dice_weight, runtime.device,
+                           no_decay=no_decay)  # fmt: skip
+    task.extra_datasets = {k: v for k, v in old.bundle_extra.get("datasets", {}).items() if k in old.label_sets}
+    added = parameters_added(old, model)
+    if runtime.main:
+        write_run_config(out, experiment, {"phase": "add-modality", "base_model": str(bundle), "mode": mode,
+                                           "new_modality": modality, "parameters_added": added})  # fmt: skip
+        (out / "added.json").write_text(json.dumps({"modality": modality, "datasets": new_datasets, **added}))
+    in_run = new_slices if mode == "freeze_old" else np.ones(len(cache), dtype=bool)
+    sampler_mask = cache.slice_mask("train") & in_run & cache.index["labeled"]
+    history = fit(task, cache, config, out, runtime, epochs=config.epochs, lr=config.lr,
+                  sampler_mask=sampler_mask, progress=progress)  # fmt: skip
+    return history, {"modality": modality, "datasets": new_datasets, "parameters_added": added}
+
+
+def _modality(cache: SliceCache, dataset: str) -> str:
+    return next(d["modality"] for d in cache.meta["datasets"] if d["name"] == dataset)
+
+
+class NewExpertMAETask:
+    """Phase 1 for the new expert alone: MAE on the new modality's slices, routed to the new expert."""
+
+    name = "pretrain-new-expert"
+
+    def __init__(self, model: M4oEUNet, cache: SliceCache, mask_ratio: float, norm_pix_loss: bool, partial) -> None:
+        from ..model.mae import MAEPretrainer
+
+        self.model, self.cache, self._partial = model, cache, partial
+        self.module = MAEPretrainer(model, mask_ratio, norm_pix_loss)
+        self.expert = model.num_experts - 1
+
+    def loss(self, batch: dict[str, Tensor], module: nn.Module):
+        mask = self.module.random_mask(batch["image"].shape[0]).to(batch["image"].device)
+        loss, _ = module(batch["image"], self.expert, mask)
+        return loss, {}
+
+    def validate(self, autocast) -> None:
+        return None
+
+    def bundle_extra(self) -> dict[str, Any]:
+        return dict(getattr(self.model, "bundle_extra", {}))
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return self._partial
+
+
+def _pretrain_new_expert(model: M4oEUNet, experiment, cache: SliceCache, out: Path, runtime, progress) -> None:
+    config = experiment.training
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
+    partial, handles = freeze_old(model, model.head.num_classes, model.num_experts - 1)
+    for name, p in model.named_parameters():  # MAE trains the new expert only
+        if not name.endswith(("mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2")):
+            p.requires_grad_(False)
+    task = NewExpertMAETask(model, cache, config.mask_ratio, config.norm_pix_loss, partial)
+    new_modality = cache.modalities.index(model.modalities[-1])
+    mask = (cache.slice_mask("train") | ~cache.index["labeled"]) & (cache.index["modality"] == new_modality)
+    try:
+        fit(task, cache, config, out, runtime, epochs=config.pretrain_epochs, lr=config.pretrain_lr,
+            sampler_mask=mask, validate=False, progress=progress)  # fmt: skip
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in model.parameters():
+            p.requires_grad_(trainable[id(p)])

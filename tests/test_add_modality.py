@@ -1,0 +1,128 @@
+"""add-modality: growth of experts, gates and head; frozen old behaviour; the grown bundle predicts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from m4oe import create_model, load_bundle, save_bundle
+from m4oe.config import parse_experiment
+from m4oe.infer.predict import Predictor
+from m4oe.train.add_modality import grow_model, run_add_modality
+
+from .conftest import MICRO
+from .data_helpers import make_dataset
+
+OLD_SETS = {"ct": ["background", "liver", "spleen"], "mr": ["background", "liver", "spleen"]}
+NONE = {"scheme": "none"}
+OLD_EXTRA = {"datasets": {name: {"modality": m, "normalization": NONE, "label_values": {"liver": 1, "spleen": 2}}
+                          for name, m in (("ct", "CT"), ("mr", "MRI"))}}  # fmt: skip
+
+
+def old_model():
+    torch.manual_seed(1)
+    model = create_model("tiny", modalities=["CT", "MRI"], label_sets=OLD_SETS, **MICRO)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # experts (and everything else) differ
+    return model
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+    root = tmp_path_factory.mktemp("add")
+    save_bundle(old_model(), root / "old", extra=OLD_EXTRA)
+    heart = make_dataset(root / "heart", n=3, modality="cineMRI",
+                         labels={"background": 0, "liver": 1, "myocardium": 2})  # fmt: skip
+    experiment = parse_experiment(
+        {
+            "datasets": [
+                {"path": str(heart), "name": "heart", "normalization": "none", "split": {"val": ["case_002"]}}
+            ],
+            "train": {"epochs": 2, "batch_size": 4, "samples_per_epoch": 16, "workers": 0, "val_every": 1, "lr": 0.01},
+        }
+    )
+    history, info = run_add_modality(root / "old", experiment, root / "run", root / "cache", "freeze_old",
+                                     progress=False)  # fmt: skip
+    return root, history, info
+
+
+def test_grow_adds_one_expert_gate_output_and_new_head_rows():
+    old = old_model()
+    new = grow_model(old, "cineMRI", {"heart": ["background", "liver", "myocardium"]})
+    assert new.modalities == ["CT", "MRI", "cineMRI"]
+    assert new.class_names == ["background", "liver", "spleen", "myocardium"]  # liver reused
+    old_params, new_params = dict(old.named_parameters()), dict(new.named_parameters())
+    layers = [n for n in new_params if n.endswith("mlp.w1")]
+    assert len(layers) == 14
+    for name in layers:
+        stem = name[: -len("w1")]
+        assert new_params[name].shape[0] == 3 and torch.equal(new_params[name][:2], old_params[name])
+        assert new_params[stem + "gate.weight"].shape[0] == 3
+        assert torch.equal(new_params[stem + "gate.bias"][:2], old_params[stem + "gate.bias"])
+        assert torch.all(new_params[stem + "gate.weight"][2] == 0)
+    assert torch.equal(new_params["head.proj.weight"][:3], old_params["head.proj.weight"])
+    assert new.head.label_mask.tolist()[2] == [True, True, False, True]
+
+
+def test_freeze_old_keeps_old_predictions(grown):
+    root, _, info = grown
+    old = load_bundle(root / "old").eval()
+    new = load_bundle(root / "run" / "last").eval()
+    assert info["modality"] == "cineMRI" and new.modalities == ["CT", "MRI", "cineMRI"]
+    image = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(5))
+    for modality, dataset in ((0, 0), (1, 1)):
+        ds = torch.full((3,), dataset)
+        with torch.no_grad():
+            before = old(image, modality, ds, routing="hard")
+            after = new(image, modality, ds, routing="hard")
+            before_soft = old(image, None, ds, routing="soft")
+            after_soft, gates = new(image, None, ds, routing="soft", return_gates=True)
+        # hard routing: bitwise the same logits for every old class
+        assert torch.equal(after[:, :3], before)
+        # soft routing is not exact: old gate logits are frozen, but the softmax now gives the new
+        # expert a share of every token (started at e^-4 and learnt on the new data only)
+        share = torch.stack([g[..., 2].mean() for g in gates])
+        assert share.max() < 0.05
+        change = (after_soft[:, :3].softmax(1) - before_soft.softmax(1)).abs().mean()
+        assert change < 0.05
+    # ... while the new expert did train
+    w1 = "encoder.0.blocks.0.mlp.w1"
+    assert not torch.equal(new.state_dict()[w1][2], old.state_dict()[w1][0])
+
+
+def test_parameters_added_are_reported(grown):
+    root, _, info = grown
+    added = json.loads((root / "run" / "added.json").read_text())
+    old, new = load_bundle(root / "old"), load_bundle(root / "run" / "last")
+    assert added["total"] == sum(p.numel() for p in new.parameters()) - sum(p.numel() for p in old.parameters())
+    assert added["total"] == added["expert"] + added["gates"] + added["head"]
+    assert added["head"] == 16  # one new class (myocardium) x 16 channels
+    assert info["parameters_added"] == {k: added[k] for k in ("total", "expert", "gates", "head")}
+
+
+def test_grown_bundle_predicts_for_all_datasets(grown):
+    root, _, _ = grown
+    predictor = Predictor(load_bundle(root / "run" / "last"))
+    volume_shape = (3, 40, 30)
+    from m4oe.data.io import Geometry, Volume
+
+    volume = Volume(np.random.default_rng(0).normal(size=volume_shape).astype(np.float32),
+                    Geometry((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)), "LPS",
+                    (2.0, 1.0, 1.0))  # fmt: skip
+    for dataset, values in (("ct", {0, 1, 2}), ("mr", {0, 1, 2}), ("heart", {0, 1, 2})):
+        result = predictor.predict_volume(volume, dataset)
+        assert result.labels.shape == volume_shape
+        assert set(np.unique(result.labels)) <= values
+    assert predictor.resolve("heart", None)["classes"] == ["background", "liver", "myocardium"]
+
+
+def test_config_without_a_new_modality_is_rejected(tmp_path):
+    save_bundle(old_model(), tmp_path / "old", extra=OLD_EXTRA)
+    ct2 = make_dataset(tmp_path / "ct2", n=2, modality="CT")
+    experiment = parse_experiment({"datasets": [{"path": str(ct2), "name": "ct2"}], "train": {"workers": 0}})
+    with pytest.raises(ValueError, match="exactly one new modality"):
+        run_add_modality(tmp_path / "old", experiment, tmp_path / "run", tmp_path / "cache", progress=False)
