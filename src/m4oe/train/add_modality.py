@@ -31,7 +31,7 @@ from ..config import ExperimentConfig
 from ..data.loader import SliceCache
 from ..model.moe import MoEMLP
 from ..model.unet import M4oEUNet
-from .common import ensure_cache, write_run_config
+from .common import ensure_cache, experiment_datasets, write_run_config
 from .finetune import SegmentationTask
 from .loop import History, fit, setup_runtime
 
@@ -163,7 +163,8 @@ def run_add_modality(
     runtime = setup_runtime(device)
     old = load_bundle(bundle)
     cache = ensure_cache(experiment, cache_dir, runtime, progress, img_size=old.config.img_size)
-    new_datasets = [d for d in cache.dataset_names if d not in old.label_sets]
+    in_config = experiment_datasets(experiment, cache)
+    new_datasets = [d for d in in_config if d not in old.label_sets]
     new_modalities = sorted({_modality(cache, d) for d in new_datasets} - set(old.modalities))
     if len(new_modalities) != 1:
         raise ValueError(
@@ -192,7 +193,8 @@ def run_add_modality(
         write_run_config(out, experiment, {"phase": "add-modality", "base_model": str(bundle), "mode": mode,
                                            "new_modality": modality, "parameters_added": added})  # fmt: skip
         (out / "added.json").write_text(json.dumps({"modality": modality, "datasets": new_datasets, **added}))
-    in_run = new_slices if mode == "freeze_old" else np.ones(len(cache), dtype=bool)
+    config_slices = np.isin(cache.index["dataset"], [cache.dataset_names.index(d) for d in in_config])
+    in_run = new_slices if mode == "freeze_old" else config_slices
     sampler_mask = cache.slice_mask("train") & in_run & cache.index["labeled"]
     history = fit(task, cache, config, out, runtime, epochs=config.epochs, lr=config.lr,
                   sampler_mask=sampler_mask, progress=progress)  # fmt: skip

@@ -36,13 +36,35 @@ def ensure_cache(
 
     cache_dir = Path(cache_dir or default_cache_dir(experiment))
     img_size = img_size or preset_config(experiment.preset, **experiment.model_overrides).img_size
-    if runtime.main:
+    if runtime.main and not _reuse_as_is(experiment, cache_dir):
         prepare(experiment, cache_dir, img_size=img_size, progress=progress)
     _barrier(runtime)
     cache = SliceCache(cache_dir)
     if cache.img_size != img_size:
         raise ConfigError(f"{cache_dir}: cache slices are {cache.img_size} px but the model takes {img_size} px")
     return cache
+
+
+def _reuse_as_is(experiment: ExperimentConfig, cache_dir: Path) -> bool:
+    """A complete cache is used without re-preparing when it holds more datasets than the config
+    (a run on a subset) or when the raw data is not on this machine (a cache carried to a GPU)."""
+    meta_path = cache_dir / "meta.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("complete"):
+        return False
+    held = {d["name"] for d in meta["datasets"]}
+    wanted = {d.name or Path(d.path).name for d in experiment.datasets}
+    if not wanted <= held:
+        return False
+    return wanted != held or not all(Path(d.path).is_dir() for d in experiment.datasets)
+
+
+def experiment_datasets(experiment: ExperimentConfig, cache: SliceCache) -> list[str]:
+    """The cache's datasets that the config names, in cache order."""
+    wanted = {d.name or Path(d.path).name for d in experiment.datasets}
+    return [n for n in cache.dataset_names if n in wanted]
 
 
 def model_for(experiment: ExperimentConfig, cache: SliceCache, datasets: list[str] | None = None) -> M4oEUNet:

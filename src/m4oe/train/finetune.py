@@ -15,7 +15,7 @@ from ..config import ExperimentConfig
 from ..data.loader import SliceCache
 from ..model.mae import load_pretrained
 from ..model.unet import M4oEUNet
-from .common import ensure_cache, inference_metadata, model_for, write_run_config
+from .common import ensure_cache, experiment_datasets, inference_metadata, model_for, write_run_config
 from .loop import History, Runtime, fit, freeze_unused_gates, setup_runtime
 from .losses import segmentation_loss
 from .validate import validate
@@ -98,10 +98,12 @@ def run_train(
     runtime = setup_runtime(device)
     cache = ensure_cache(experiment, cache_dir, runtime, progress)
     config = experiment.training
+    names = experiment_datasets(experiment, cache)
     if config.baseline == "per_modality":
-        groups = {m: [d["name"] for d in cache.meta["datasets"] if d["modality"] == m] for m in cache.modalities}
+        modality = {d["name"]: d["modality"] for d in cache.meta["datasets"]}
+        groups = {m: [n for n in names if modality[n] == m] for m in dict.fromkeys(modality[n] for n in names)}
     else:
-        groups = {"": cache.dataset_names}
+        groups = {"": names}
     histories = {}
     for modality, datasets in groups.items():
         run_out = out / modality if modality else out

@@ -13,7 +13,7 @@ from ..config import ExperimentConfig
 from ..data.loader import SliceCache
 from ..model.mae import MAEPretrainer
 from ..model.unet import M4oEUNet
-from .common import ensure_cache, inference_metadata, model_for, write_run_config
+from .common import ensure_cache, experiment_datasets, inference_metadata, model_for, write_run_config
 from .loop import History, fit, freeze_unused_gates, setup_runtime
 
 
@@ -60,7 +60,7 @@ def run_pretrain(
     cache = ensure_cache(experiment, cache_dir, runtime, progress)
     config = experiment.training
     torch.manual_seed(config.seed)
-    model = model_for(experiment, cache)
+    model = model_for(experiment, cache, experiment_datasets(experiment, cache))
     task = PretrainTask(model, cache, config.mask_ratio, config.norm_pix_loss)
     if runtime.main:
         write_run_config(out, experiment, {"phase": "pretrain", "cache": str(cache.path)})
@@ -72,7 +72,8 @@ def run_pretrain(
         runtime,
         epochs=config.pretrain_epochs,
         lr=config.pretrain_lr,
-        sampler_mask=pretrain_mask(cache),
+        sampler_mask=pretrain_mask(cache)
+        & np.isin(cache.index["dataset"], [cache.dataset_names.index(d) for d in model.dataset_names]),
         resume=resume,
         validate=False,
         progress=progress,
