@@ -157,6 +157,8 @@ def test_label_map_must_name_known_labels(tmp_path):
         ("datasets: [{path: x}]\nmodel: {img_size: 100}", "img_size 100 does not fit"),
         ("datasets: [{path: x}]\nmodel: {depth: 3}", "unknown model config keys ['depth']"),
         ("datasets: {path: x}", "datasets must be list"),
+        ("datasets: [{path: x}]\ntrain: {epoch: 3}", "train: unknown keys ['epoch']"),
+        ("datasets: [{path: x}]\ntrain: {amp: fp16}", "train.amp must be auto, bf16 or off"),
         ("datasets: [{path: x}]\n  bad: [", "not valid YAML"),
     ],
 )

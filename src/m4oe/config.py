@@ -101,10 +101,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        _reject_unknown(cls, values, "unknown model config keys")
         try:
             return cls(**values)
         except TypeError as err:
@@ -114,6 +111,13 @@ class ModelConfig:
         base = self.to_dict()
         base.update(overrides)
         return ModelConfig.from_dict(base)
+
+
+def _reject_unknown(cls, values: dict[str, Any], message: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{message} {unknown}; allowed: {sorted(known)}")
 
 
 def build_vocabulary(label_sets: dict[str, list[str]]) -> list[str]:
@@ -247,11 +251,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"train: unknown keys {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
+        _reject_unknown(cls, values, "train: unknown keys")
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise ConfigError(f"bad train config: {err}") from err
 
 
 @dataclass(frozen=True)
