@@ -26,6 +26,7 @@ from pathlib import Path
 from m4oe.config import load_experiment
 
 BASE = Path(__file__).with_name("base.yaml")
+DATA: Path | None = None  # --data: where the Dataset00X folders are (default: as base.yaml says)
 SMOKE = {"epochs": 1, "samples_per_epoch": 16, "pretrain_epochs": 1, "batch_size": 4, "val_every": 1, "workers": 0}
 
 
@@ -38,6 +39,8 @@ def experiment(model: dict | None = None, train: dict | None = None, datasets: l
         model_cfg = {"preset": "tiny", "img_size": 64, "window_size": 2, "embed_dim": 16, "num_heads": [1, 2, 2, 4],
                      **{k: v for k, v in (model or {}).items() if k != "preset"}}  # fmt: skip
     chosen = tuple(d for d in exp.datasets if datasets is None or d.name in datasets)
+    if DATA is not None:
+        chosen = tuple(replace(d, path=str(DATA / Path(d.path).name)) for d in chosen)
     return replace(exp, model=model_cfg, train=settings, datasets=chosen)
 
 
@@ -139,7 +142,10 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True, help="slice cache of experiments/base.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/tables"))
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--data", type=Path, help="folder holding the Dataset00X folders (default: base.yaml's)")
     args = parser.parse_args()
+    global DATA
+    DATA = args.data
     out = args.out / f"table_{args.table}"
     started = time.perf_counter()
     if args.table != "gates":  # the whole cache first: every run then uses a subset of it as it is

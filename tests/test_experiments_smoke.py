@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_table_c_smoke_runs_and_writes_its_table(tmp_path):
-    command = [sys.executable, str(ROOT / "experiments" / "run_tables.py"), "--table", "C", "--smoke",
+    script = str(ROOT / "experiments" / "run_tables.py")
+    command = [sys.executable, script, "--table", "C", "--smoke", "--data", str(SHARED_DATA),
                "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "runs")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
