@@ -9,7 +9,6 @@ direction, with the chosen dataset's label numbers (or union-vocabulary indices)
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -74,9 +73,6 @@ class Predictor:
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
 
-    def _autocast(self):
-        return contextlib.nullcontext()  # kept for callers; the model already runs in self.dtype
-
     def resolve(self, dataset: str | None, modality: str | None) -> dict:
         """Dataset index, modality index, normalisation and output classes of a request."""
         model = self.model
@@ -138,13 +134,12 @@ class Predictor:
             dataset = None
             if request["dataset"] is not None:
                 dataset = torch.full((b,), request["dataset"], dtype=torch.long, device=self.device)
-            with self._autocast():
-                logits, gates = self.model(batch, modality, dataset, return_gates=True)
-                if self.tta:
-                    flipped = self.model(batch.flip(-1), modality, dataset)
-                    scores = (logits.float().softmax(1) + flipped.float().flip(-1).softmax(1)) / 2
-                else:
-                    scores = logits.float()
+            logits, gates = self.model(batch, modality, dataset, return_gates=True)
+            if self.tta:
+                flipped = self.model(batch.flip(-1), modality, dataset)
+                scores = (logits.float().softmax(1) + flipped.float().flip(-1).softmax(1)) / 2
+            else:
+                scores = logits.float()
             if gates:
                 means = torch.stack([g.float().mean(dim=1).sum(0) for g in gates]).mean(0)  # [E]
                 gate_sum = means if gate_sum is None else gate_sum + means

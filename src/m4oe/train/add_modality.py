@@ -85,7 +85,7 @@ def favoured_experts(old: M4oEUNet, images: Tensor) -> list[int]:
 @torch.no_grad()
 def init_new_expert(model: M4oEUNet, source_experts: list[int]) -> None:
     """Copy, layer by layer, the chosen old expert into the new (last) expert."""
-    layers = [m for m in _gated_layers(model)]
+    layers = _gated_layers(model)
     if len(layers) != len(source_experts):
         raise ValueError("one source expert per M4oE layer is needed")
     for layer, e in zip(layers, source_experts, strict=True):
@@ -139,7 +139,9 @@ class AddModalityTask(SegmentationTask):
 
 
 def parameters_added(old: M4oEUNet, new: M4oEUNet) -> dict[str, int]:
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    def count(model: M4oEUNet) -> int:
+        return sum(p.numel() for p in model.parameters())
+
     experts = sum(p[-1].numel() for layer in _gated_layers(new) for p in (layer.w1, layer.b1, layer.w2, layer.b2))
     gates = sum(layer.gate.weight.shape[1] + 1 for layer in _gated_layers(new))
     head = (new.head.num_classes - old.head.num_classes) * new.head.proj.weight.shape[1]

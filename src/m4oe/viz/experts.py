@@ -33,8 +33,7 @@ def gate_maps(predictor: Predictor, volume, dataset: str | None, modality: str |
         b = batch.shape[0]
         mod = request["modality"]
         ds = None if request["dataset"] is None else torch.full((b,), request["dataset"], device=device)
-        with predictor._autocast():
-            logits, gates = model(batch, mod, ds, return_gates=True)
+        logits, gates = model(batch, mod, ds, return_gates=True)
         preds.append(logits.argmax(1).cpu())
         for i, g in enumerate(gates):
             if len(per_block) <= i:
