@@ -126,3 +126,25 @@ def test_config_without_a_new_modality_is_rejected(tmp_path):
     experiment = parse_experiment({"datasets": [{"path": str(ct2), "name": "ct2"}], "train": {"workers": 0}})
     with pytest.raises(ValueError, match="exactly one new modality"):
         run_add_modality(tmp_path / "old", experiment, tmp_path / "run", tmp_path / "cache", progress=False)
+
+
+def test_pretrain_option_trains_only_the_new_expert_first(tmp_path):
+    save_bundle(old_model(), tmp_path / "old", extra=OLD_EXTRA)
+    heart = make_dataset(tmp_path / "heart", n=2, modality="cineMRI",
+                         labels={"background": 0, "liver": 1, "myocardium": 2})  # fmt: skip
+    experiment = parse_experiment(
+        {
+            "datasets": [{"path": str(heart), "name": "heart", "normalization": "none", "split": {"val": []}}],
+            "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 4, "samples_per_epoch": 8, "workers": 0,
+                      "val_every": 0, "lr": 0.01, "pretrain_lr": 0.01},
+        }
+    )  # fmt: skip
+    run_add_modality(tmp_path / "old", experiment, tmp_path / "run", tmp_path / "cache", "freeze_old",
+                     pretrain=True, progress=False)  # fmt: skip
+    assert (tmp_path / "run" / "pretrain" / "metrics.csv").is_file()
+    old = dict(load_bundle(tmp_path / "old").named_parameters())
+    new = dict(load_bundle(tmp_path / "run" / "last").named_parameters())
+    name = "encoder.1.blocks.1.mlp.w2"
+    assert torch.equal(new[name][:2], old[name])  # old experts untouched by both phases
+    assert not any(torch.equal(new[name][2], old[name][e]) for e in range(2))  # the new one learnt
+    assert torch.equal(new["encoder.0.blocks.0.attn.qkv.weight"], old["encoder.0.blocks.0.attn.qkv.weight"])
