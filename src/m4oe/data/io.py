@@ -2,7 +2,7 @@
 
 Volumes are handled as numpy arrays in ``[z, y, x]`` order together with their :class:`Geometry`
 (spacing, origin, direction), so a prediction can be written back with exactly the input's geometry.
-:func:`to_canonical` reorients a volume to a fixed axis order (``LPS``) so that slices of datasets
+:func:`read_volume` reorients a volume to a fixed axis order (``LPS``) so that slices of datasets
 stored in different orientations look alike; :func:`from_canonical` undoes it exactly.
 
 SimpleITK is imported inside the functions: training and benchmarks never need it.
@@ -60,11 +60,6 @@ class Geometry:
         return None
 
 
-def is_image_path(path: str | os.PathLike) -> bool:
-    name = str(path).lower()
-    return name.endswith(IMAGE_SUFFIXES)
-
-
 def read_sitk(path: str | os.PathLike):
     """Read a file, or a folder holding one DICOM series, as a SimpleITK image."""
     import SimpleITK as sitk
@@ -114,23 +109,6 @@ def check_file(path: str | os.PathLike) -> list[str]:
     return []
 
 
-def read_header(path: str | os.PathLike) -> tuple[tuple[int, ...], Geometry]:
-    """Size ``(x, y, z)`` and geometry from the header alone (cheap; no voxel data read)."""
-    import SimpleITK as sitk
-
-    path = Path(path)
-    if path.is_dir():
-        image = read_sitk(path)
-        return tuple(image.GetSize()), Geometry.of(image)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise ImageReadError(f"{path}: unreadable image header") from err
-    return tuple(reader.GetSize()), Geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
-
-
 @dataclass
 class Volume:
     """A volume read for processing: ``array`` in ``[z, y, x]`` canonical (``LPS``) order.
@@ -163,7 +141,7 @@ def read_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
 
 
 def from_canonical(array: np.ndarray, geometry: Geometry, orientation: str):
-    """Undo :func:`to_canonical` for an array predicted in ``LPS`` order: an image with ``geometry``."""
+    """Undo the reorientation of :func:`read_volume`: an ``LPS``-order array as an image with ``geometry``."""
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
@@ -193,14 +171,3 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike,
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def to_canonical_array(array: np.ndarray, geometry: Geometry, orientation: str) -> np.ndarray:
-    """Reorient an ``[z, y, x]`` array stored with ``geometry`` to ``LPS`` order (as read_volume does)."""
-    import SimpleITK as sitk
-
-    if orientation == CANONICAL:
-        return array
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    geometry.apply(image)
-    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, CANONICAL))

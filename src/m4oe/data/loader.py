@@ -97,6 +97,15 @@ class SliceCache:
             return ~per_slice
         raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
 
+    @property
+    def dataset_modality(self) -> dict[str, str]:
+        """Dataset name -> the modality (expert) it belongs to."""
+        return {d["name"]: d["modality"] for d in self.meta["datasets"]}
+
+    def dataset_mask(self, names: list[str]) -> np.ndarray:
+        """Slices of the named datasets."""
+        return np.isin(self.index["dataset"], [self.dataset_names.index(n) for n in names])
+
     def _dataset(self, name: str) -> dict[str, Any]:
         return next(d for d in self.meta["datasets"] if d["name"] == name)
 

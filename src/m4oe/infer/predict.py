@@ -35,10 +35,6 @@ class Prediction:
     expert_weights: dict[str, float] = field(default_factory=dict)  # mean gate weight per expert
     probabilities: np.ndarray | None = None  # [classes, z, y, x] float16, canonical order
 
-    @property
-    def dominant_expert(self) -> str | None:
-        return max(self.expert_weights, key=self.expert_weights.get) if self.expert_weights else None
-
 
 class Predictor:
     """Segments volumes with a model bundle.

@@ -34,6 +34,7 @@ from ..model.unet import M4oEUNet
 from .common import ensure_cache, experiment_datasets, write_run_config
 from .finetune import SegmentationTask
 from .loop import History, fit, setup_runtime
+from .pretrain import pretrain_mask
 
 NEW_GATE_BIAS = -4.0  # the new expert starts with a small share of every old token (e^-4 ~ 2%)
 
@@ -167,7 +168,7 @@ def run_add_modality(
     cache = ensure_cache(experiment, cache_dir, runtime, progress, img_size=old.config.img_size)
     in_config = experiment_datasets(experiment, cache)
     new_datasets = [d for d in in_config if d not in old.label_sets]
-    new_modalities = sorted({_modality(cache, d) for d in new_datasets} - set(old.modalities))
+    new_modalities = sorted({cache.dataset_modality[d] for d in new_datasets} - set(old.modalities))
     if len(new_modalities) != 1:
         raise ValueError(
             f"the config must bring exactly one new modality (the model has {old.modalities}); found "
@@ -177,7 +178,7 @@ def run_add_modality(
     model = grow_model(old, modality, {d: cache.label_sets[d] for d in new_datasets})
     config = experiment.training
     torch.manual_seed(config.seed)
-    new_slices = np.isin(cache.index["dataset"], [cache.dataset_names.index(d) for d in new_datasets])
+    new_slices = cache.dataset_mask(new_datasets)
     train_new = np.flatnonzero(cache.slice_mask("train") & new_slices)
     if pretrain:
         _pretrain_new_expert(model, experiment, cache, out / "pretrain", runtime, progress)
@@ -195,16 +196,12 @@ def run_add_modality(
         write_run_config(out, experiment, {"phase": "add-modality", "base_model": str(bundle), "mode": mode,
                                            "new_modality": modality, "parameters_added": added})  # fmt: skip
         (out / "added.json").write_text(json.dumps({"modality": modality, "datasets": new_datasets, **added}))
-    config_slices = np.isin(cache.index["dataset"], [cache.dataset_names.index(d) for d in in_config])
+    config_slices = cache.dataset_mask(in_config)
     in_run = new_slices if mode == "freeze_old" else config_slices
     sampler_mask = cache.slice_mask("train") & in_run & cache.index["labeled"]
     history = fit(task, cache, config, out, runtime, epochs=config.epochs, lr=config.lr,
                   sampler_mask=sampler_mask, progress=progress)  # fmt: skip
     return history, {"modality": modality, "datasets": new_datasets, "parameters_added": added}
-
-
-def _modality(cache: SliceCache, dataset: str) -> str:
-    return next(d["modality"] for d in cache.meta["datasets"] if d["name"] == dataset)
 
 
 class NewExpertMAETask:
@@ -243,7 +240,7 @@ def _pretrain_new_expert(model: M4oEUNet, experiment, cache: SliceCache, out: Pa
             p.requires_grad_(False)
     task = NewExpertMAETask(model, cache, config.mask_ratio, config.norm_pix_loss, partial)
     new_modality = cache.modalities.index(model.modalities[-1])
-    mask = (cache.slice_mask("train") | ~cache.index["labeled"]) & (cache.index["modality"] == new_modality)
+    mask = pretrain_mask(cache) & (cache.index["modality"] == new_modality)
     try:
         fit(task, cache, config, out, runtime, epochs=config.pretrain_epochs, lr=config.pretrain_lr,
             sampler_mask=mask, validate=False, progress=progress)  # fmt: skip

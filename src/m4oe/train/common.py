@@ -71,12 +71,9 @@ def model_for(experiment: ExperimentConfig, cache: SliceCache, datasets: list[st
     """The config's model over the cache's modalities and label sets (or a subset of datasets)."""
     names = datasets or cache.dataset_names
     label_sets = {n: cache.label_sets[n] for n in names}
-    modalities = [m for m in cache.modalities if any(_modality(cache, n) == m for n in names)]
+    modality = cache.dataset_modality
+    modalities = [m for m in cache.modalities if any(modality[n] == m for n in names)]
     return create_model(experiment.preset, modalities=modalities, label_sets=label_sets, **experiment.model_overrides)
-
-
-def _modality(cache: SliceCache, dataset: str) -> str:
-    return next(d["modality"] for d in cache.meta["datasets"] if d["name"] == dataset)
 
 
 def inference_metadata(cache: SliceCache, model: M4oEUNet, phase: str, train: dict[str, Any]) -> dict[str, Any]:

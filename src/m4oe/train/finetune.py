@@ -100,7 +100,7 @@ def run_train(
     config = experiment.training
     names = experiment_datasets(experiment, cache)
     if config.baseline == "per_modality":
-        modality = {d["name"]: d["modality"] for d in cache.meta["datasets"]}
+        modality = cache.dataset_modality
         groups = {m: [n for n in names if modality[n] == m] for m in dict.fromkeys(modality[n] for n in names)}
     else:
         groups = {"": names}
@@ -129,7 +129,7 @@ def _train_one(experiment, cache, datasets, out: Path, runtime: Runtime, init, r
         if report is not None:
             counts = {k: len(v) for k, v in report.items()}
             (out / "init_report.json").write_text(json.dumps({"counts": counts, **report}, indent=1))
-    in_run = np.isin(cache.index["dataset"], [cache.dataset_names.index(d) for d in datasets])
+    in_run = cache.dataset_mask(datasets)
     return fit(
         task,
         cache,

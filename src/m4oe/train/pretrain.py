@@ -72,8 +72,7 @@ def run_pretrain(
         runtime,
         epochs=config.pretrain_epochs,
         lr=config.pretrain_lr,
-        sampler_mask=pretrain_mask(cache)
-        & np.isin(cache.index["dataset"], [cache.dataset_names.index(d) for d in model.dataset_names]),
+        sampler_mask=pretrain_mask(cache) & cache.dataset_mask(model.dataset_names),
         resume=resume,
         validate=False,
         progress=progress,
