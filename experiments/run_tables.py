@@ -1,8 +1,9 @@
 """Run the experiments of docs/results.md and print their tables (markdown).
 
-    python experiments/run_tables.py --table A --cache CACHE_DIR --out runs/tables [--smoke]
+    python experiments/run_tables.py --table A --cache CACHE_DIR --out runs/tables [--scale gpu|pilot|smoke]
 
-Tables (each planned to fit about 12 minutes of one H100/H200, start-up and transfer included):
+Tables (at ``--scale gpu`` each is planned to fit about 12 minutes of one H100/H200, start-up and
+transfer included):
 
 * A: M4oE two-phase (pretrain + train) vs dense Swin-UNet on all data vs one Swin-UNet per modality
   vs M4oE without phase 1; per-organ validation Dice per dataset.
@@ -10,9 +11,14 @@ Tables (each planned to fit about 12 minutes of one H100/H200, start-up and tran
 * C: train on CT + T2 MRI, then add cine MRI with add-modality (--freeze-old and --full): Dice on
   all three datasets before and after, parameters added, time of the addition vs training again.
 * gates: mean gate weight per expert for each modality's validation slices (from table A's M4oE).
+* all: A, B, C and gates in one go.
 
-Every model gets the same budget (train.epochs x train.samples_per_epoch of experiments/base.yaml).
-``--smoke`` shrinks everything (tiny model, a few steps) to check the script on a CPU.
+Scales: ``gpu`` is experiments/base.yaml as it stands (``m4oe-t``, 224 px, 30 x 1,440 slices);
+``pilot`` is the same data, splits and comparisons with the ``tiny`` model (128 px) and 6 x 1,440
+slices, which runs on two CPU cores in about two hours for all tables; ``smoke`` checks the script
+in seconds. Every compared model of a scale gets the same budget (epochs x samples_per_epoch).
+A run whose configuration was already trained under ``--out`` (e.g. table B's "encoder + decoder,
+gate", which is table A's "M4oE without phase 1") is reused, not trained again.
 """
 
 from __future__ import annotations
@@ -26,149 +32,207 @@ from pathlib import Path
 from m4oe.config import load_experiment
 
 BASE = Path(__file__).with_name("base.yaml")
+DATASETS = ["BTCV", "CHAOS", "ACDC"]
 DATA: Path | None = None  # --data: where the Dataset00X folders are (default: as base.yaml says)
-SMOKE = {"epochs": 1, "samples_per_epoch": 16, "pretrain_epochs": 1, "batch_size": 4, "val_every": 1, "workers": 0}
+SCALES: dict[str, dict] = {
+    "gpu": {"model": {}, "train": {}},
+    "pilot": {
+        "model": {"preset": "tiny"},
+        # lr 2e-3: from-scratch Swin sits at "all background" for the first ~100 steps at 5e-4
+        "train": {
+            "epochs": 6,
+            "samples_per_epoch": 1440,
+            "pretrain_epochs": 3,
+            "val_every": 6,
+            "workers": 2,
+            "lr": 2e-3,
+            "pretrain_lr": 1e-3,
+        },  # fmt: skip
+    },
+    "smoke": {
+        "model": {"preset": "tiny", "img_size": 64, "window_size": 2, "embed_dim": 16, "num_heads": [1, 2, 2, 4]},
+        "train": {
+            "epochs": 1,
+            "samples_per_epoch": 16,
+            "pretrain_epochs": 1,
+            "batch_size": 4,
+            "val_every": 1,
+            "workers": 0,
+        },  # fmt: skip
+    },
+}
+DENSE = {"moe_encoder": False, "moe_decoder": False}  # the Swin-UNet baseline: the same net without experts
 
 
-def experiment(model: dict | None = None, train: dict | None = None, datasets: list[str] | None = None,
-               smoke: bool = False):  # fmt: skip
+def experiment(scale: str, model: dict | None = None, train: dict | None = None, datasets: list[str] | None = None):
     exp = load_experiment(BASE)
-    settings = {**exp.train, **(train or {}), **(SMOKE if smoke else {})}
-    model_cfg = {**exp.model, **(model or {})}
-    if smoke:
-        model_cfg = {"preset": "tiny", "img_size": 64, "window_size": 2, "embed_dim": 16, "num_heads": [1, 2, 2, 4],
-                     **{k: v for k, v in (model or {}).items() if k != "preset"}}  # fmt: skip
+    settings = {**exp.train, **SCALES[scale]["train"], **(train or {})}
+    model_cfg = {**exp.model, **SCALES[scale]["model"], **(model or {})}
     chosen = tuple(d for d in exp.datasets if datasets is None or d.name in datasets)
     if DATA is not None:
         chosen = tuple(replace(d, path=str(DATA / Path(d.path).name)) for d in chosen)
     return replace(exp, model=model_cfg, train=settings, datasets=chosen)
 
 
-def timed(fn, *args, **kwargs):
-    started = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - started
+class Runs:
+    """Trains each named configuration once under ``out/runs`` and remembers its time and speed."""
+
+    def __init__(self, cache: Path, out: Path, scale: str):
+        self.cache, self.root, self.scale = cache, out / "runs", scale
+
+    def _remember(self, run: Path, seconds: float, slices: int) -> dict:
+        record = {"seconds": round(seconds, 1), "slices": slices, "slices_per_s": round(slices / seconds, 1)}
+        (run / "timing.json").write_text(json.dumps(record))
+        return record
+
+    def _done(self, run: Path) -> dict | None:
+        timing = run / "timing.json"
+        return json.loads(timing.read_text()) if timing.is_file() else None
+
+    def train(self, name: str, model: dict | None = None, train: dict | None = None,
+              datasets: list[str] | None = None, init: str | None = None) -> tuple[Path, dict]:  # fmt: skip
+        from m4oe.train.finetune import run_train
+
+        run = self.root / name
+        if (record := self._done(run)) is None:
+            exp = experiment(self.scale, model, train, datasets)
+            started = time.perf_counter()
+            histories = run_train(exp, run, self.cache, init=self.root / init if init else None, progress=False)
+            slices = sum(row["step"] for h in histories.values() for row in h.rows[-1:]) * exp.training.batch_size
+            record = self._remember(run, time.perf_counter() - started, slices)
+        return run, record
+
+    def pretrain(self, name: str) -> tuple[Path, dict]:
+        from m4oe.train.pretrain import run_pretrain
+
+        run = self.root / name
+        if (record := self._done(run)) is None:
+            exp = experiment(self.scale)
+            started = time.perf_counter()
+            history = run_pretrain(exp, run, self.cache, progress=False)
+            slices = history.rows[-1]["step"] * exp.training.batch_size
+            record = self._remember(run, time.perf_counter() - started, slices)
+        return run, record
+
+    def add_modality(self, name: str, base: str, mode: str, datasets: list[str]) -> tuple[Path, dict, int]:
+        from m4oe.train.add_modality import run_add_modality
+
+        run = self.root / name
+        if (record := self._done(run)) is None:
+            exp = experiment(self.scale, datasets=datasets)
+            started = time.perf_counter()
+            history, info = run_add_modality(self.root / base / "last", exp, run, self.cache, mode, progress=False)
+            slices = history.rows[-1]["step"] * exp.training.batch_size
+            record = self._remember(run, time.perf_counter() - started, slices)
+            record["parameters_added"] = info["parameters_added"]["total"]
+            (run / "timing.json").write_text(json.dumps(record))
+        return run, record, record["parameters_added"]
 
 
-def last_validation(run: Path) -> dict:
+def validation(run: Path) -> dict:
     return json.loads((run / "validation.json").read_text())
 
 
-def dice_rows(name: str, validation: dict, datasets: list[str]) -> list[str]:
-    rows = []
-    for dataset in datasets:
-        organs = validation["dice"].get(dataset)
-        if organs is None:
+def dice_tables(rows: dict[str, tuple[Path, dict]]) -> list[str]:
+    """One markdown table per dataset: a row per model, a column per structure, the mean last."""
+    lines: list[str] = []
+    for dataset in DATASETS:
+        present = {name: validation(run) for name, (run, _) in rows.items() if dataset in validation(run)["dice"]}
+        if not present:
             continue
-        cells = " | ".join(f"{100 * v:.1f}" for v in organs.values())
-        mean = 100 * validation["dataset_mean_dice"][dataset]
-        rows.append(f"| {name} | {dataset} | {cells} | **{mean:.1f}** |")
-    return rows
+        organs = list(next(iter(present.values()))["dice"][dataset])
+        lines += [f"**{dataset}** (validation DSC %)", "",
+                  "| model | " + " | ".join(organs) + " | mean | train time | slices/s |",
+                  "|---|" + "---:|" * (len(organs) + 3)]  # fmt: skip
+        for name, result in present.items():
+            timing = rows[name][1]
+            cells = " | ".join(f"{100 * result['dice'][dataset][o]:.1f}" for o in organs)
+            mean = 100 * result["dataset_mean_dice"][dataset]
+            lines.append(f"| {name} | {cells} | **{mean:.1f}** | {timing['seconds']:.0f} s | "
+                         f"{timing['slices_per_s']:.0f} |")  # fmt: skip
+        lines.append("")
+    return lines
 
 
-def run_a(cache: Path, out: Path, smoke: bool) -> list[str]:
-    from m4oe.train.finetune import run_train
-    from m4oe.train.pretrain import run_pretrain
-
-    lines, runs = [], {}
-    _, t_pre = timed(run_pretrain, experiment(smoke=smoke), out / "m4oe_pre", cache, progress=False)
-    _, t = timed(run_train, experiment(smoke=smoke), out / "m4oe", cache, init=out / "m4oe_pre", progress=False)
-    runs["M4oE two-phase"] = (out / "m4oe", t_pre + t)
-    _, t = timed(run_train, experiment(smoke=smoke), out / "m4oe_scratch", cache, progress=False)
-    runs["M4oE without phase 1"] = (out / "m4oe_scratch", t)
-    _, t = timed(run_train, experiment({"preset": "swin-unet"}, smoke=smoke), out / "dense", cache, progress=False)
-    runs["Swin-UNet, all data"] = (out / "dense", t)
-    per = experiment({"preset": "swin-unet"}, {"baseline": "per_modality"}, smoke=smoke)
-    _, t = timed(run_train, per, out / "per_modality", cache, progress=False)
+def table_a(runs: Runs) -> list[str]:
+    pre_run, pre = runs.pretrain("m4oe_pretrain")
+    run, fine = runs.train("m4oe_two_phase", init="m4oe_pretrain")
+    seconds = pre["seconds"] + fine["seconds"]
+    two_phase = {**fine, "seconds": seconds, "slices_per_s": (pre["slices"] + fine["slices"]) / seconds}
+    rows = {"M4oE two-phase (MAE + gated fine-tuning)": (run, two_phase),
+            "M4oE without phase 1": runs.train("m4oe"),
+            "Swin-UNet, all data": runs.train("dense", DENSE)}  # fmt: skip
+    per, record = runs.train("dense_per_modality", DENSE, {"baseline": "per_modality"})
     for modality in ("CT", "MRI", "cineMRI"):
-        runs[f"Swin-UNet per modality ({modality})"] = (out / "per_modality" / modality, t / 3)
-    for name, (run, seconds) in runs.items():
-        validation = last_validation(run)
-        lines += dice_rows(f"{name} [{seconds:.0f} s]", validation, ["BTCV", "CHAOS", "ACDC"])
-    return lines
+        share = {**record, "seconds": record["seconds"] / 3}
+        rows[f"Swin-UNet, one per modality ({modality})"] = (per / modality, share)
+    return dice_tables(rows)
 
 
-def run_b(cache: Path, out: Path, smoke: bool) -> list[str]:
-    from m4oe.train.finetune import run_train
-
-    variants = {
-        "encoder + decoder, gate": ({}, {}),
-        "encoder only, gate": ({"moe_decoder": False}, {}),
-        "decoder only, gate": ({"moe_encoder": False}, {}),
-        "encoder + decoder, uniform (no gate)": ({}, {"routing": "uniform"}),
-    }
-    lines = []
-    for name, (model, train) in variants.items():
-        run = out / name.replace(" ", "_").replace(",", "").replace("+", "and").replace("(", "").replace(")", "")
-        _, t = timed(run_train, experiment(model, train, smoke=smoke), run, cache, progress=False)
-        lines += dice_rows(f"{name} [{t:.0f} s]", last_validation(run), ["BTCV", "CHAOS", "ACDC"])
-    return lines
+def table_b(runs: Runs) -> list[str]:
+    return dice_tables({
+        "encoder + decoder, gate": runs.train("m4oe"),
+        "encoder only, gate": runs.train("m4oe_encoder_only", {"moe_decoder": False}),
+        "decoder only, gate": runs.train("m4oe_decoder_only", {"moe_encoder": False}),
+        "encoder + decoder, uniform (no gate)": runs.train("m4oe_uniform", train={"routing": "uniform"}),
+    })  # fmt: skip
 
 
-def run_c(cache: Path, out: Path, smoke: bool) -> list[str]:
-    from m4oe.train.add_modality import run_add_modality
-    from m4oe.train.finetune import run_train
-
-    base = experiment(datasets=["BTCV", "CHAOS"], smoke=smoke)
-    _, t_base = timed(run_train, base, out / "ct_mri", cache, progress=False)
-    lines = dice_rows(f"CT + MRI model [{t_base:.0f} s]", last_validation(out / "ct_mri"), ["BTCV", "CHAOS"])
-    for mode in ("freeze_old", "full"):
-        names = ["ACDC"] if mode == "freeze_old" else ["BTCV", "CHAOS", "ACDC"]
-        new = experiment(datasets=names, smoke=smoke)
-        (_, info), t = timed(run_add_modality, out / "ct_mri" / "last", new, out / f"add_{mode}", cache, mode,
-                             progress=False)  # fmt: skip
-        added = info["parameters_added"]["total"]
-        label = f"+ cine MRI, {mode} [{t:.0f} s, +{added / 1e6:.2f} M params]"
-        lines += dice_rows(label, last_validation(out / f"add_{mode}"), ["BTCV", "CHAOS", "ACDC"])
-    _, t_all = timed(run_train, experiment(smoke=smoke), out / "all_again", cache, progress=False)
-    lines += dice_rows(f"all three trained again [{t_all:.0f} s]", last_validation(out / "all_again"),
-                       ["BTCV", "CHAOS", "ACDC"])  # fmt: skip
-    return lines
+def table_c(runs: Runs) -> list[str]:
+    rows = {"CT + MRI model (before)": runs.train("m4oe_ct_mri", datasets=["BTCV", "CHAOS"])}
+    for mode, datasets in (("freeze_old", ["ACDC"]), ("full", DATASETS)):
+        run, record, added = runs.add_modality(f"add_cine_{mode}", "m4oe_ct_mri", mode, datasets)
+        rows[f"+ cine MRI, --{mode.replace('_', '-')} (+{added / 1e6:.2f} M params)"] = (run, record)
+    rows["all three trained from scratch"] = runs.train("m4oe")
+    return dice_tables(rows)
 
 
-def gate_table(out: Path) -> list[str]:
-    validation = last_validation(out / "m4oe")
-    lines = []
-    for modality, per_block in validation["gates"].items():
-        experts = len(per_block[0])
-        means = [sum(block[e] for block in per_block) / len(per_block) for e in range(experts)]
+def gate_table(runs: Runs) -> list[str]:
+    run = runs.root / "m4oe_two_phase"
+    if not (run / "validation.json").is_file():
+        raise SystemExit(f"the gate table reads table A's M4oE run, which is not in {run}: run --table A first")
+    result = validation(run)
+    modalities = list(result["gates"])
+    lines = ["| validation slices of | " + " | ".join(f"expert {m}" for m in modalities) + " |",
+             "|---|" + "---:|" * len(modalities)]  # fmt: skip
+    for modality, per_block in result["gates"].items():
+        means = [sum(block[e] for block in per_block) / len(per_block) for e in range(len(per_block[0]))]
         lines.append(f"| {modality} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     return lines
 
 
+def prepare_cache(cache: Path, scale: str) -> None:
+    """The whole cache first: every run then uses a subset of it as it is."""
+    from m4oe.data.prepare import prepare
+    from m4oe.model.presets import preset_config
+
+    full = experiment(scale)
+    if not all(Path(d.path).is_dir() for d in full.datasets) and (cache / "meta.json").is_file():
+        print(f"raw data not here: using the cache {cache} as it is")
+        return
+    prepare(full, cache, img_size=preset_config(full.preset, **full.model_overrides).img_size, progress=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", choices=["A", "B", "C", "gates"], required=True)
+    parser.add_argument("--table", choices=["A", "B", "C", "gates", "all"], required=True)
     parser.add_argument("--cache", type=Path, required=True, help="slice cache of experiments/base.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/tables"))
-    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="gpu")
+    parser.add_argument("--smoke", action="store_const", const="smoke", dest="scale", help="= --scale smoke")
     parser.add_argument("--data", type=Path, help="folder holding the Dataset00X folders (default: base.yaml's)")
     args = parser.parse_args()
     global DATA
     DATA = args.data
-    out = args.out / f"table_{args.table}"
     started = time.perf_counter()
-    if args.table != "gates":  # the whole cache first: every run then uses a subset of it as it is
-        from m4oe.data.prepare import prepare
-        from m4oe.model.presets import preset_config
-
-        full = experiment(smoke=args.smoke)
-        size = preset_config(full.preset, **full.model_overrides).img_size
-        if not all(Path(d.path).is_dir() for d in full.datasets) and (args.cache / "meta.json").is_file():
-            print(f"raw data not here: using the cache {args.cache} as it is")
-        else:
-            prepare(full, args.cache, img_size=size, progress=False)
-    if args.table == "A":
-        lines = run_a(args.cache, out, args.smoke)
-    elif args.table == "B":
-        lines = run_b(args.cache, out, args.smoke)
-    elif args.table == "C":
-        lines = run_c(args.cache, out, args.smoke)
-    else:
-        lines = gate_table(args.out / "table_A")
-    print(f"table {args.table}: {time.perf_counter() - started:.0f} s")
-    print("\n".join(lines))
-    (args.out / f"table_{args.table}.md").write_text("\n".join(lines) + "\n")
+    if args.table != "gates":
+        prepare_cache(args.cache, args.scale)
+    runs = Runs(args.cache, args.out, args.scale)
+    makers = {"A": table_a, "B": table_b, "C": table_c, "gates": gate_table}
+    for table in makers if args.table == "all" else [args.table]:
+        lines = makers[table](runs)
+        print(f"table {table} ({time.perf_counter() - started:.0f} s so far)\n" + "\n".join(lines), flush=True)
+        (args.out / f"table_{table}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

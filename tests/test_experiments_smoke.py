@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,18 @@ def test_table_c_smoke_runs_and_writes_its_table(tmp_path):
                "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "runs")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    table = (tmp_path / "runs" / "table_C.md").read_text().splitlines()
-    labels = [line.split(" | ")[0] for line in table]
-    assert any("freeze_old" in x for x in labels) and any("full" in x for x in labels)
-    # one row per dataset: two before the addition, three after each addition and for the retrained model
-    assert len(table) == 2 + 3 + 3 + 3
-    assert all(line.startswith("| ") and line.endswith("** |") for line in table)
+    text = (tmp_path / "runs" / "table_C.md").read_text()
+    parts = re.split(r"^\*\*(\w+)\*\*.*$", text, flags=re.M)  # "**BTCV** (validation DSC %)" opens a table
+    tables = dict(zip(parts[1::2], parts[2::2], strict=True))
+    assert sorted(tables) == ["ACDC", "BTCV", "CHAOS"]
+    rows = {name: [line for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
+            for name, block in tables.items()}  # fmt: skip
+    # before the addition (CT + MRI only), after each addition, and all three trained from scratch
+    assert [len(rows[d]) for d in ("BTCV", "CHAOS", "ACDC")] == [4, 4, 3]
+    assert any("--freeze-old" in r for r in rows["ACDC"]) and any("--full" in r for r in rows["ACDC"])
+    header = next(line for line in tables["ACDC"].splitlines() if line.startswith("| model"))
+    assert header.split(" | ")[1:4] == ["right_ventricle", "myocardium", "left_ventricle"]
+    for line in rows["BTCV"]:
+        cells = line.strip("| ").split(" | ")
+        assert len(cells) == 1 + 13 + 3, line  # model, 13 organs, mean, time, slices/s
+        assert all(0 <= float(c) <= 100 for c in cells[1:14])

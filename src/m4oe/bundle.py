@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import ConfigError, ModelConfig
+from .files import atomic_write
 from .model.unet import M4oEUNet
 
 FORMAT = "m4oe-bundle"
@@ -42,7 +43,7 @@ def save_bundle(model: M4oEUNet, directory: str | os.PathLike, extra: dict[str, 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = directory / WEIGHTS
-    _atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
     if extra is None:
         extra = getattr(model, "bundle_extra", {})
     config = {
@@ -59,7 +60,7 @@ def save_bundle(model: M4oEUNet, directory: str | os.PathLike, extra: dict[str, 
         "extra": extra,
     }
     text = json.dumps(config, indent=2)
-    _atomic_write(directory / CONFIG, lambda tmp: tmp.write_text(text))
+    atomic_write(directory / CONFIG, lambda tmp: tmp.write_text(text))
     return directory
 
 
@@ -120,15 +121,6 @@ def read_bundle_config(directory: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise BundleError(f"{path}: missing keys {missing}")
     return config
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:

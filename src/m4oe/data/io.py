@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..files import atomic_write
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 CANONICAL = "LPS"
 
@@ -160,14 +162,5 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike,
     """Write an ``[z, y, x]`` array (canonical order unless ``orientation`` says otherwise) atomically."""
     import SimpleITK as sitk
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = from_canonical(array, geometry, orientation)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name.removesuffix(suffix)}.tmp-{os.getpid()}{suffix}")
-    try:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ExperimentConfig, build_vocabulary
+from ..files import replace_dir
 from .datasets import Case, DataError, DatasetSource, assign_folds, open_dataset
 from .normalize import ct_statistics, normalize, sample_foreground, scheme_statistics
 
@@ -346,7 +347,7 @@ def prepare(
         _write_index(tmp / "index.npz", sources, pairs, written, counts, modalities)
         meta["complete"] = True
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult(out, total, len(pairs), _size(out), False, time.perf_counter() - started)
@@ -422,14 +423,6 @@ def _write_index(path: Path, sources, pairs, written, counts, modalities) -> Non
         scale=per_slice([w["affine"][0] for w in written], np.float32),
         offset=per_slice([w["affine"][1] for w in written], np.float32),
     )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _size(path: Path) -> int:

@@ -8,15 +8,14 @@ organs as columns, mean last) and ``dice_boxplot.png``.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..files import save_figure, write_csv, write_json, write_text
 from .metrics import METRICS, label_metrics, nanmean
 
 
@@ -109,8 +108,7 @@ def summarise(per_case: list[dict], names: dict[int, str], tolerance: float) -> 
 
 
 def write_outputs(summary: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out, json.dumps(summary, indent=1))
+    write_json(out, summary)
     names = summary["label_names"]
     stem = out.with_suffix("")
     rows = []
@@ -118,14 +116,8 @@ def write_outputs(summary: dict[str, Any], out: Path) -> None:
         for k, metrics in case["metrics"].items():
             rows.append({"case": Path(case["reference_file"]).name, "label": k, "name": names[k],
                          **{m: metrics[m] for m in METRICS}})  # fmt: skip
-    csv_path = stem.with_name(stem.name + ".csv")
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "label", "name", *METRICS])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    _atomic_text(stem.with_name(stem.name + ".md"), markdown_table(summary))
+    write_csv(stem.with_name(stem.name + ".csv"), rows, ["case", "label", "name", *METRICS])
+    write_text(stem.with_name(stem.name + ".md"), markdown_table(summary))
     boxplot(summary, stem.with_name(stem.name + "_dice_boxplot.png"))
 
 
@@ -165,17 +157,9 @@ def boxplot(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_title(f"Dice per label ({len(summary['metric_per_case'])} cases)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _fmt(value: float) -> str:
     return "NaN" if np.isnan(value) else f"{value:.2f}"
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

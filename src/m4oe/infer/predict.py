@@ -20,6 +20,7 @@ import torch
 from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, read_volume, write_volume
 from ..data.normalize import normalize
 from ..data.resample import SlicePlan, fit_slices, unfit_logits
+from ..files import atomic_write
 from ..model.unet import M4oEUNet
 
 
@@ -254,10 +255,8 @@ def predict_paths(
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
             np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import yaml
 
 from ..config import ConfigError, ExperimentConfig
 from ..data.loader import SliceCache
+from ..files import write_text
 from ..model.presets import create_model, preset_config
 from ..model.unet import M4oEUNet
 from .loop import Runtime, _barrier
@@ -107,6 +107,4 @@ def write_run_config(out: Path, experiment: ExperimentConfig, extra: dict[str, A
         ],
         **extra,
     }
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=list)), sort_keys=False))
-    os.replace(tmp, out / "config.yaml")
+    write_text(out / "config.yaml", yaml.safe_dump(json.loads(json.dumps(resolved, default=list)), sort_keys=False))

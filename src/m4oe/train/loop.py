@@ -18,8 +18,6 @@ and, optionally, a validation. The loop does the rest:
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
 import os
 import shutil
@@ -36,6 +34,7 @@ from ..bundle import save_bundle
 from ..config import TrainConfig
 from ..data.augment import AugmentConfig, augment_batch
 from ..data.loader import BalancedBatchSampler, SliceCache, make_loader
+from ..files import replace_dir, save_figure, write_csv, write_json
 from ..model.unet import M4oEUNet
 
 STATE_FILE = "train_state.pt"
@@ -128,13 +127,7 @@ class History:
     def write(self, out: Path) -> None:
         if not self.rows:
             return
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        tmp = out / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, out / "metrics.csv")
+        write_csv(out / "metrics.csv", self.rows, list(dict.fromkeys(k for row in self.rows for k in row)))
         plot_curves(self.rows, out / "curve.png")
 
 
@@ -157,10 +150,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         twin.set_ylim(0, 1)
         fig.legend(loc="upper center", ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(".curve.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _save_checkpoint(out: Path, name: str, task: Task, state: dict[str, Any] | None) -> None:
@@ -170,11 +161,7 @@ def _save_checkpoint(out: Path, name: str, task: Task, state: dict[str, Any] | N
     save_bundle(task.model, tmp, extra=task.bundle_extra())
     if state is not None:
         torch.save(state, tmp / STATE_FILE)
-    old = out / f".{name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, target)
 
 
 def load_train_state(run: Path) -> dict[str, Any]:
@@ -323,7 +310,7 @@ def fit(
             if result is not None:
                 row["val_dice"] = round(result["mean_dice"], 5)
                 row.update({f"val_dice_{k}": round(v, 5) for k, v in result["dataset_mean_dice"].items()})
-                _write_json(out / "validation.json", {"epoch": epoch + 1, **result})
+                write_json(out / "validation.json", {"epoch": epoch + 1, **result})
                 if not math.isnan(result["mean_dice"]) and result["mean_dice"] > history.best:
                     history.best = result["mean_dice"]
                     _save_checkpoint(out, "best", task, None)
@@ -354,12 +341,6 @@ def _all_mean(value: Tensor, runtime: Runtime) -> Tensor:
 def _barrier(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    os.replace(tmp, path)
 
 
 class _NoBar:

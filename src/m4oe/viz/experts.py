@@ -7,8 +7,6 @@ gate weight of every expert per block over the whole scan: do the experts specia
 
 from __future__ import annotations
 
-import csv
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 
 from ..data.normalize import normalize
 from ..data.resample import SlicePlan, fit_slices
+from ..files import save_figure, write_csv, write_text
 from ..infer.predict import Predictor
 
 
@@ -100,28 +99,16 @@ def render_experts(predictor: Predictor, image: Path, out_dir: Path, dataset: st
     fig.suptitle(f"{Path(image).name}: favoured expert per token (opacity: gate weight)")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_fig(fig, out_dir / "experts.png")
+    save_figure(fig, out_dir / "experts.png", dpi=80)
     plt.close(fig)
     _write_table(table, experts, out_dir)
     return table
 
 
-def _save_fig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
-
-
 def _write_table(table: dict[str, list[float]], experts: list[str], out_dir: Path) -> None:
-    tmp = out_dir / ".experts.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["block", *experts])
-        for name, weights in table.items():
-            writer.writerow([name, *(f"{w:.4f}" for w in weights)])
-    os.replace(tmp, out_dir / "experts.csv")
+    rows = [{"block": name, **{e: f"{w:.4f}" for e, w in zip(experts, weights, strict=True)}}
+            for name, weights in table.items()]  # fmt: skip
+    write_csv(out_dir / "experts.csv", rows, ["block", *experts])
     lines = ["| block | " + " | ".join(experts) + " |", "|" + "---|" * (len(experts) + 1)]
     lines += [f"| {name} | " + " | ".join(f"{w:.3f}" for w in weights) + " |" for name, weights in table.items()]
-    tmp = out_dir / ".experts.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out_dir / "experts.md")
+    write_text(out_dir / "experts.md", "\n".join(lines) + "\n")

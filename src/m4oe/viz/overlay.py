@@ -6,10 +6,11 @@ anterior up, coronal and sagittal slices with superior up. Each label value keep
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from ..files import save_figure
 
 
 def _centre(mask: np.ndarray) -> tuple[int, int, int]:
@@ -74,12 +75,8 @@ def render_overlay(
                    ncol=min(7, max(1, len(present))), fontsize=8)  # fmt: skip
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.05 if label_names else 0, 1, 0.97))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    path = save_figure(fig, path, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
