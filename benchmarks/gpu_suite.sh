@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_suite.sh OUT_DIR [BUDGET_SECONDS]
 #   STEPS="eager_bf16 profile" bash benchmarks/gpu_suite.sh OUT_DIR   # a subset of the steps
 #   QUICK=1 bash benchmarks/gpu_suite.sh /tmp/q                      # tiny model on CPU: checks the script
+#   STEPS="ab_attention cudagraphs" bash benchmarks/gpu_suite.sh OUT   # the open questions of benchmarks.md
 # Runs from the repository root with PYTHONPATH=src (no install needed). Each step has its own time
 # limit, and steps are skipped once the budget is spent, so partial results still come back.
 set -u
@@ -43,5 +44,8 @@ step eager_fp32 90 $BENCH --preset $M,$DENSE --precision fp32 --json "$OUT/eager
 step profile 60 python benchmarks/profile_step.py --preset $M $PROFILE
 step compiled_soft 200 $BENCH --preset $M --precision bf16 --compile --pure-bf16 --json "$OUT/compiled_soft.json"
 step compiled_infer 150 $BENCH --preset $M,$LITE --routing hard --precision bf16 --compile --pure-bf16 --no-train --json "$OUT/compiled_infer.json"
+# not in the default list: the A/B runs of docs/benchmarks.md's open questions
+step ab_attention 240 $BENCH --preset $M --precision bf16 --compile --pure-bf16 --attention sdpa,explicit --json "$OUT/ab_attention.json"
+step cudagraphs 200 $BENCH --preset $M --precision bf16 --compile --compile-mode reduce-overhead --pure-bf16 --json "$OUT/cudagraphs.json"
 step loader 60 python benchmarks/loader.py $LOADER --workers 8 --batch 36 --batches 40
 echo "total $(( $(date +%s) - START ))s"

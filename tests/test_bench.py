@@ -11,17 +11,22 @@ from m4oe.bench import loop_reference
 from m4oe.cli import app
 from m4oe.model import create_model, forward_flops
 from m4oe.model.moe import MoEMLP
+from m4oe.model.swin import WindowAttention
 
 
 def test_bench_quick_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--precision", "fp32", "--json", str(out)])
+    command = ["bench", "--quick", "--device", "cpu", "--precision", "fp32", "--attention", "sdpa,explicit"]
+    result = CliRunner().invoke(app, [*command, "--json", str(out)])
     assert result.exit_code == 0, result.output
     payload = json.loads(out.read_text())
-    (row,) = payload["models"]
-    assert row["preset"] == "tiny" and row["routing"] == "soft"
-    for key in ("train_slices_per_s", "infer_slices_per_s", "train_tflops", "infer_tflops"):
-        assert row[key] > 0, key
+    assert [r["attention"] for r in payload["models"]] == ["sdpa", "explicit"]
+    for row in payload["models"]:
+        assert row["preset"] == "tiny" and row["routing"] == "soft"
+        for key in ("train_slices_per_s", "infer_slices_per_s", "train_tflops", "infer_tflops"):
+            assert row[key] > 0, key
+    assert WindowAttention.kernel == "sdpa"  # the benchmark puts the default back
+    row = payload["models"][0]
     tiny = create_model("tiny", modalities=["CT", "MRI", "cineMRI"],
                         label_sets={"data": ["background"] + [f"class_{k}" for k in range(1, 14)]})  # fmt: skip
     assert row["gflops_forward"] == round(forward_flops(tiny) / 1e9, 3)

@@ -181,10 +181,13 @@ def test_flop_count_difference_between_soft_and_hard_routing(micro_model):
     assert forward_flops(micro_model) - forward_flops(micro_model, routing="hard") == expected
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
 @pytest.mark.parametrize("shift", [0, 1])
-def test_window_attention_matches_plain_softmax_attention(shift):
-    from m4oe.model.swin import WindowAttention
+def test_window_attention_matches_plain_softmax_attention(shift, kernel, monkeypatch):
+    from m4oe.model.swin import WindowAttention, set_attention_kernel
 
+    monkeypatch.setattr(WindowAttention, "kernel", WindowAttention.kernel)  # global: restored after the test
+    set_attention_kernel(kernel)
     torch.manual_seed(0)
     attn = WindowAttention(dim=8, num_heads=2, window=2).double()
     with torch.no_grad():
@@ -203,3 +206,10 @@ def test_window_attention_matches_plain_softmax_attention(shift):
         first = attn(x, mask)
         attn.relative_position_bias_table.add_(torch.randn_like(attn.relative_position_bias_table))  # cache follows
         assert not torch.allclose(attn(x, mask), first)
+
+
+def test_unknown_attention_kernel_is_rejected():
+    from m4oe.model.swin import set_attention_kernel
+
+    with pytest.raises(ValueError, match="sdpa or explicit"):
+        set_attention_kernel("flash3")

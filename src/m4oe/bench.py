@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .model.moe import MoEMLP
 from .model.presets import create_model, forward_flops
+from .model.swin import set_attention_kernel
 
 
 @dataclass
@@ -30,6 +31,8 @@ class BenchConfig:
     batch: int = 36
     infer_batch: int = 64
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
+    attention: str = "sdpa"  # window attention kernel: sdpa | explicit
     experts: int = 3
     classes: int = 14
     steps: int = 20
@@ -74,6 +77,14 @@ def _model(cfg: BenchConfig):
 
 def bench_model(cfg: BenchConfig) -> dict[str, Any]:
     """Training and inference slices/s, peak memory and achieved TFLOP/s of one configuration."""
+    set_attention_kernel(cfg.attention)
+    try:
+        return _bench_model(cfg)
+    finally:
+        set_attention_kernel("sdpa")
+
+
+def _bench_model(cfg: BenchConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     model = _model(cfg)
@@ -91,7 +102,7 @@ def bench_model(cfg: BenchConfig) -> dict[str, Any]:
     target = torch.randint(0, cfg.classes, (cfg.batch, S, S), device=device)
     modality = torch.arange(cfg.batch, device=device) % E
     dataset = torch.zeros(cfg.batch, dtype=torch.long, device=device)
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
 
     def train_step() -> None:
         with _autocast(device, cfg.precision):

@@ -331,6 +331,8 @@ def bench(
     batch: int = typer.Option(36, help="Training batch."),
     infer_batch: int = typer.Option(64, help="Inference batch."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
+    compile_mode: str = typer.Option(None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)."),
+    attention: str = typer.Option("sdpa", help="Comma-separated window attention kernels: sdpa, explicit."),
     experts: int = typer.Option(3, help="Number of modality experts."),
     steps: int = typer.Option(20, help="Timed steps per measurement."),
     warmup: int = typer.Option(5, help="Untimed steps first."),
@@ -347,7 +349,8 @@ def bench(
 
     from .bench import BenchConfig, bench_model, bench_moe_layer, environment
 
-    base = BenchConfig(batch=batch, infer_batch=infer_batch, compile=compile, experts=experts, steps=steps,
+    base = BenchConfig(batch=batch, infer_batch=infer_batch, compile=compile, compile_mode=compile_mode,
+                       experts=experts, steps=steps,
                        warmup=warmup, img_size=img_size, peak_tflops=peak_tflops, train=train,
                        pure_bf16_infer=pure_bf16)  # fmt: skip
     if device:
@@ -359,15 +362,17 @@ def bench(
     for p in _split(preset):
         for r in _split(routing):
             for prec in _split(precision):
-                rows.append(bench_model(replace(base, preset=p, routing=r, precision=prec)))
+                for kernel in _split(attention):
+                    rows.append(bench_model(replace(base, preset=p, routing=r, precision=prec, attention=kernel)))
     layer = bench_moe_layer(replace(base, precision=_split(precision)[0]), tokens=4096 if quick else None)
     table = Table(title=f"m4oe bench on {environment(base.device).get('gpu', 'CPU')} (torch {torch_version()})")
-    for col in ("preset", "routing", "precision", "compile", "train sl/s", "train GiB", "train TFLOP/s",
+    for col in ("preset", "routing", "precision", "attention", "compile", "train sl/s", "train GiB", "train TFLOP/s",
                 "infer sl/s", "infer GiB", "infer TFLOP/s"):  # fmt: skip
         table.add_column(col, justify="right")
     for row in rows:
         precision = "bf16 (pure)" if row["pure_bf16_infer"] else row["precision"]
-        cells = [row["preset"], row["routing"], precision, str(row["compile"])]
+        compiled = (row["compile_mode"] or "yes") if row["compile"] else "no"
+        cells = [row["preset"], row["routing"], precision, row["attention"], compiled]
         for mode in ("train", "infer"):
             if f"{mode}_slices_per_s" not in row:
                 cells += ["-", "-", "-"]

@@ -7,6 +7,8 @@ as one additive ``attn_mask``; the shift mask and the bias index are buffers bui
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,8 +62,17 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+def set_attention_kernel(kernel: str) -> None:
+    """``sdpa`` (PyTorch's fused attention, the default) or ``explicit`` (matmul + softmax; a benchmark A/B)."""
+    if kernel not in ("sdpa", "explicit"):
+        raise ValueError(f"attention kernel must be sdpa or explicit, got {kernel!r}")
+    WindowAttention.kernel = kernel
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with a learned relative position bias."""
+
+    kernel: ClassVar[str] = "sdpa"  # "sdpa" or "explicit"; set for every block by set_attention_kernel
 
     def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool = True) -> None:
         super().__init__()
@@ -108,7 +119,12 @@ class WindowAttention(nn.Module):
         # 4D for the fused kernels: windows folded into heads, so the mask broadcasts over the batch
         fold = (B, nW * h, N, -1)
         attn_mask = self.attention_mask(mask, nW).to(q.dtype)
-        out = F.scaled_dot_product_attention(q.reshape(fold), k.reshape(fold), v.reshape(fold), attn_mask=attn_mask)
+        q, k, v = q.reshape(fold), k.reshape(fold), v.reshape(fold)
+        if WindowAttention.kernel == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:  # written out: lets torch.compile fuse bias + mask + softmax for the small windows
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + attn_mask
+            out = scores.softmax(dim=-1) @ v
         return self.proj(out.view(B, nW, h, N, -1).transpose(2, 3).reshape(B, nW, N, C))
 
 
