@@ -33,6 +33,9 @@ class ModelConfig:
         routing: default expert routing, one of ``soft`` (gate), ``hard`` (own modality's expert)
             or ``uniform`` (mean of experts, the no-gate ablation).
         gate_modality: the gate also sees a learned embedding of the sample's modality.
+        closed_experts: ``(modality, expert)`` index pairs the soft gate may not route to (their gate
+            logit is ``-inf``). ``add-modality --freeze-old`` closes the new expert to the old
+            modalities, so that their soft-routed outputs stay those of the old model.
         drop_path_rate: stochastic depth rate, linearly increasing over the encoder blocks.
         qkv_bias: bias in the attention's query/key/value projection.
     """
@@ -52,10 +55,18 @@ class ModelConfig:
     gate_modality: bool = False
     drop_path_rate: float = 0.1
     qkv_bias: bool = True
+    closed_experts: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
+        try:
+            closed = tuple((int(m), int(e)) for m, e in self.closed_experts)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"closed_experts must be (modality, expert) index pairs, got {self.closed_experts!r}"
+            ) from err
+        object.__setattr__(self, "closed_experts", closed)
         self.validate()
 
     @property
@@ -92,11 +103,15 @@ class ModelConfig:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.mlp_ratio <= 0:
             raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        for m, e in self.closed_experts:
+            if m < 0 or e < 0 or m == e:
+                raise ConfigError(f"closed_experts: ({m}, {e}) must be indices >= 0 and never a modality's own expert")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["depths"] = list(self.depths)
         out["num_heads"] = list(self.num_heads)
+        out["closed_experts"] = [list(pair) for pair in self.closed_experts]
         return out
 
     @classmethod

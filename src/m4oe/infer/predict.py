@@ -93,8 +93,9 @@ class Predictor:
         if stats_source not in self.datasets:
             raise PredictError("the bundle holds no normalisation statistics (train it with 'm4oe train')")
         info = self.datasets[stats_source]
-        if modality is None and model.config.routing == "hard":
-            modality = info["modality"]  # hard routing needs the expert; soft lets the gate decide
+        cfg = model.config
+        if modality is None and (cfg.routing == "hard" or cfg.gate_modality or cfg.closed_experts):
+            modality = info["modality"]  # these models need each sample's modality; a plain gate decides alone
         if dataset is None:
             classes = list(model.class_names)
             values = list(range(len(classes)))

@@ -41,6 +41,7 @@ class MoEMLP(nn.Module):
         num_experts: ``E``, one expert per modality.
         routing: default routing mode (``soft``, ``hard`` or ``uniform``).
         gate_modality: add a learned modality embedding to the gate's input.
+        closed: ``(modality, expert)`` pairs the soft gate never routes to (gate logit ``-inf``).
 
     Shapes:
         ``x``: ``[B, L, C]``; ``modality``: ``[B]`` long (expert index of each sample, needed for
@@ -56,6 +57,7 @@ class MoEMLP(nn.Module):
         num_experts: int,
         routing: str = "soft",
         gate_modality: bool = False,
+        closed: tuple[tuple[int, int], ...] = (),
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -69,6 +71,14 @@ class MoEMLP(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
         self.gate = nn.Linear(dim, num_experts)
         self.modality_embed = nn.Embedding(num_experts, dim) if gate_modality else None
+        offset = None
+        if closed:
+            offset = torch.zeros(num_experts, num_experts)
+            for m, e in closed:
+                if not (0 <= m < num_experts and 0 <= e < num_experts):
+                    raise ValueError(f"closed pair ({m}, {e}) out of range for {num_experts} experts")
+                offset[m, e] = float("-inf")
+        self.register_buffer("gate_offset", offset, persistent=False)  # [modality, expert]: 0 or -inf
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -92,7 +102,13 @@ class MoEMLP(nn.Module):
                 gate_in = x + self.modality_embed.weight[modality]
             else:
                 gate_in = x + self.modality_embed(modality)[:, None, :]
-        return torch.softmax(self.gate(gate_in), dim=-1)
+        logits = self.gate(gate_in)
+        if self.gate_offset is not None:
+            if modality is None:
+                raise ValueError("this model closes experts to some modalities: pass the modality of every sample")
+            offset = self.gate_offset[modality]
+            logits = logits + (offset if isinstance(modality, int) else offset[:, None, :]).to(logits.dtype)
+        return torch.softmax(logits, dim=-1)
 
     def forward(self, x: Tensor, modality: Tensor | None = None, routing: str | None = None):
         routing = routing or self.routing

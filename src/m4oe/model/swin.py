@@ -247,7 +247,13 @@ class SwinStage(nn.Module):
 
 
 def make_mlp_factory(
-    mlp_ratio: float, num_experts: int, moe: bool, compute_matched: bool, routing: str, gate_modality: bool
+    mlp_ratio: float,
+    num_experts: int,
+    moe: bool,
+    compute_matched: bool,
+    routing: str,
+    gate_modality: bool,
+    closed: tuple[tuple[int, int], ...] = (),
 ):
     """A function ``dim -> nn.Module`` building the MLP of a block (dense or M4oE)."""
 
@@ -257,6 +263,6 @@ def make_mlp_factory(
             return DenseMLP(dim, hidden)
         if compute_matched:
             hidden = max(1, round(hidden / num_experts))
-        return MoEMLP(dim, hidden, num_experts, routing=routing, gate_modality=gate_modality)
+        return MoEMLP(dim, hidden, num_experts, routing=routing, gate_modality=gate_modality, closed=closed)
 
     return make

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig, build_vocabulary
+from ..config import ConfigError, ModelConfig, build_vocabulary
 from .head import DynamicHead
 from .swin import PatchEmbed, PatchExpand, PatchMerging, SwinStage, make_mlp_factory
 
@@ -33,6 +33,8 @@ class M4oEUNet(nn.Module):
         self.class_names = build_vocabulary(self.label_sets)
         self.dataset_names = list(self.label_sets)
         self._check_names()
+        if any(max(pair) >= len(self.modalities) for pair in config.closed_experts):
+            raise ConfigError(f"closed_experts {config.closed_experts} name experts beyond the modalities {modalities}")
 
         cfg, n = config, config.num_stages
         dims = [cfg.embed_dim * 2**i for i in range(n)]
@@ -43,7 +45,13 @@ class M4oEUNet(nn.Module):
 
         def factory(moe: bool):
             return make_mlp_factory(
-                cfg.mlp_ratio, len(self.modalities), moe, cfg.compute_matched, cfg.routing, cfg.gate_modality
+                cfg.mlp_ratio,
+                len(self.modalities),
+                moe,
+                cfg.compute_matched,
+                cfg.routing,
+                cfg.gate_modality,
+                cfg.closed_experts,
             )
 
         def stage(i: int, moe: bool) -> SwinStage:
