@@ -15,8 +15,8 @@ transfer included):
 
 Scales: ``gpu`` is experiments/base.yaml as it stands (``m4oe-t``, 224 px, 30 x 1,440 slices);
 ``pilot`` is the same data, splits and comparisons with the ``tiny`` model (128 px), batch 12 and
-10 x 1,440 slices, which runs on two CPU cores in about 80 minutes for all tables; ``smoke`` checks the script
-in seconds. Every compared model of a scale gets the same budget (epochs x samples_per_epoch).
+10 x 1,440 slices, which runs on two CPU cores in about 70 minutes for all tables; ``smoke`` checks
+the script in seconds. Every compared model of a scale gets the same budget (epochs x samples_per_epoch).
 A run whose configuration was already trained under ``--out`` (e.g. table B's "encoder + decoder,
 gate", which is table A's "M4oE without phase 1") is reused, not trained again.
 """
