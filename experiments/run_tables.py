@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from m4oe.config import load_experiment
+from m4oe.files import write_json, write_text
 
 BASE = Path(__file__).with_name("base.yaml")
 DATASETS = ["BTCV", "CHAOS", "ACDC"]
@@ -83,52 +84,52 @@ class Runs:
     def __init__(self, cache: Path, out: Path, scale: str):
         self.cache, self.root, self.scale = cache, out / "runs", scale
 
-    def _remember(self, run: Path, seconds: float, slices: int) -> dict:
-        record = {"seconds": round(seconds, 1), "slices": slices, "slices_per_s": round(slices / seconds, 1)}
-        (run / "timing.json").write_text(json.dumps(record))
-        return record
-
-    def _done(self, run: Path) -> dict | None:
+    def _once(self, name: str, work) -> tuple[Path, dict]:
+        """Run ``work(run)`` -> (training slices, extra record fields) unless ``name`` already ran."""
+        run = self.root / name
         timing = run / "timing.json"
-        return json.loads(timing.read_text()) if timing.is_file() else None
+        if timing.is_file():
+            return run, json.loads(timing.read_text())
+        started = time.perf_counter()
+        slices, extra = work(run)
+        seconds = time.perf_counter() - started
+        record = {"seconds": round(seconds, 1), "slices": slices, "slices_per_s": round(slices / seconds, 1), **extra}
+        write_json(timing, record)
+        return run, record
 
     def train(self, name: str, model: dict | None = None, train: dict | None = None,
               datasets: list[str] | None = None, init: str | None = None) -> tuple[Path, dict]:  # fmt: skip
         from m4oe.train.finetune import run_train
 
-        run = self.root / name
-        if (record := self._done(run)) is None:
-            exp = experiment(self.scale, model, train, datasets)
-            started = time.perf_counter()
+        exp = experiment(self.scale, model, train, datasets)
+
+        def work(run: Path):
             histories = run_train(exp, run, self.cache, init=self.root / init if init else None, progress=False)
-            slices = sum(row["step"] for h in histories.values() for row in h.rows[-1:]) * exp.training.batch_size
-            record = self._remember(run, time.perf_counter() - started, slices)
-        return run, record
+            return sum(row["step"] for h in histories.values() for row in h.rows[-1:]) * exp.training.batch_size, {}
+
+        return self._once(name, work)
 
     def pretrain(self, name: str) -> tuple[Path, dict]:
         from m4oe.train.pretrain import run_pretrain
 
-        run = self.root / name
-        if (record := self._done(run)) is None:
-            exp = experiment(self.scale)
-            started = time.perf_counter()
-            history = run_pretrain(exp, run, self.cache, progress=False)
-            slices = history.rows[-1]["step"] * exp.training.batch_size
-            record = self._remember(run, time.perf_counter() - started, slices)
-        return run, record
+        exp = experiment(self.scale)
+
+        def work(run: Path):
+            return run_pretrain(exp, run, self.cache, progress=False).rows[-1]["step"] * exp.training.batch_size, {}
+
+        return self._once(name, work)
 
     def add_modality(self, name: str, base: str, mode: str, datasets: list[str]) -> tuple[Path, dict, int]:
         from m4oe.train.add_modality import run_add_modality
 
-        run = self.root / name
-        if (record := self._done(run)) is None:
-            exp = experiment(self.scale, datasets=datasets)
-            started = time.perf_counter()
+        exp = experiment(self.scale, datasets=datasets)
+
+        def work(run: Path):
             history, info = run_add_modality(self.root / base / "last", exp, run, self.cache, mode, progress=False)
             slices = history.rows[-1]["step"] * exp.training.batch_size
-            record = self._remember(run, time.perf_counter() - started, slices)
-            record["parameters_added"] = info["parameters_added"]["total"]
-            (run / "timing.json").write_text(json.dumps(record))
+            return slices, {"parameters_added": info["parameters_added"]["total"]}
+
+        run, record = self._once(name, work)
         return run, record, record["parameters_added"]
 
 
@@ -235,7 +236,7 @@ def main() -> None:
     for table in makers if args.table == "all" else [args.table]:
         lines = makers[table](runs)
         print(f"table {table} ({time.perf_counter() - started:.0f} s so far)\n" + "\n".join(lines), flush=True)
-        (args.out / f"table_{table}.md").write_text("\n".join(lines) + "\n")
+        write_text(args.out / f"table_{table}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -348,6 +348,7 @@ def bench(
     from dataclasses import replace
 
     from .bench import BenchConfig, bench_model, bench_moe_layer, environment
+    from .files import write_json
 
     base = BenchConfig(batch=batch, infer_batch=infer_batch, compile=compile, compile_mode=compile_mode,
                        experts=experts, steps=steps,
@@ -392,7 +393,7 @@ def bench(
     payload = {"environment": environment(base.device), "models": rows, "moe_layer": layer}
     typer.echo(json.dumps(payload))
     if json_out:
-        json_out.write_text(json.dumps(payload, indent=1))
+        write_json(json_out, payload)
 
 
 def torch_version() -> str:

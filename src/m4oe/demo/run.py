@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from ..files import write_text
+
 DATA = Path(__file__).parent / "data"
 HELD_OUT = "chaos_21"
 
@@ -50,10 +52,7 @@ def demo_config(out: Path, quick: bool) -> Path:
             },  # fmt: skip
         ],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "demo.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_text(out / "demo.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 def run_demo(out: str | Path = "demo_output", quick: bool = False, device: str | None = None, say=print) -> DemoResult:

@@ -20,7 +20,6 @@ Two ways to train it:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from ..bundle import load_bundle
 from ..config import ExperimentConfig
 from ..data.loader import SliceCache
+from ..files import write_json
 from ..model.moe import MoEMLP
 from ..model.unet import M4oEUNet
 from .common import ensure_cache, experiment_datasets, write_run_config
@@ -204,7 +204,7 @@ def run_add_modality(
     if runtime.main:
         write_run_config(out, experiment, {"phase": "add-modality", "base_model": str(bundle), "mode": mode,
                                            "new_modality": modality, "parameters_added": added})  # fmt: skip
-        (out / "added.json").write_text(json.dumps({"modality": modality, "datasets": new_datasets, **added}))
+        write_json(out / "added.json", {"modality": modality, "datasets": new_datasets, **added})
     config_slices = cache.dataset_mask(in_config)
     in_run = new_slices if mode == "freeze_old" else config_slices
     sampler_mask = cache.slice_mask("train") & in_run & cache.index["labeled"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 from ..bundle import load_bundle
 from ..config import ExperimentConfig
 from ..data.loader import SliceCache
+from ..files import write_json
 from ..model.mae import load_pretrained
 from ..model.unet import M4oEUNet
 from .common import ensure_cache, experiment_datasets, inference_metadata, model_for, write_run_config
@@ -128,7 +128,7 @@ def _train_one(experiment, cache, datasets, out: Path, runtime: Runtime, init, r
                                            "init": str(init) if init else None})  # fmt: skip
         if report is not None:
             counts = {k: len(v) for k, v in report.items()}
-            (out / "init_report.json").write_text(json.dumps({"counts": counts, **report}, indent=1))
+            write_json(out / "init_report.json", {"counts": counts, **report})
     in_run = cache.dataset_mask(datasets)
     return fit(
         task,
