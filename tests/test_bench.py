@@ -25,7 +25,7 @@ def test_bench_quick_reports_every_figure(tmp_path):
         assert row["preset"] == "tiny" and row["routing"] == "soft"
         for key in ("train_slices_per_s", "infer_slices_per_s", "train_tflops", "infer_tflops"):
             assert row[key] > 0, key
-    assert WindowAttention.kernel == "sdpa"  # the benchmark puts the default back
+    assert WindowAttention.kernel == "sdpa"  # the benchmark puts the kernel it found back
     row = payload["models"][0]
     tiny = create_model("tiny", modalities=["CT", "MRI", "cineMRI"],
                         label_sets={"data": ["background"] + [f"class_{k}" for k in range(1, 14)]})  # fmt: skip

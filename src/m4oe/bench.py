@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .model.moe import MoEMLP
 from .model.presets import create_model, forward_flops
-from .model.swin import set_attention_kernel
+from .model.swin import WindowAttention, set_attention_kernel
 
 
 @dataclass
@@ -77,11 +77,12 @@ def _model(cfg: BenchConfig):
 
 def bench_model(cfg: BenchConfig) -> dict[str, Any]:
     """Training and inference slices/s, peak memory and achieved TFLOP/s of one configuration."""
+    previous = WindowAttention.kernel
     set_attention_kernel(cfg.attention)
     try:
         return _bench_model(cfg)
     finally:
-        set_attention_kernel("sdpa")
+        set_attention_kernel(previous)
 
 
 def _bench_model(cfg: BenchConfig) -> dict[str, Any]:
