@@ -1,10 +1,11 @@
-"""End-to-end `m4oe predict` time for a 512 x 512 x 100 CT volume with `m4oe-t`, soft vs hard routing.
+"""End-to-end `m4oe predict` time for a 512 x 512 x 100 CT volume with `m4oe-t`: soft vs hard routing, fp32 vs bf16.
 
     python benchmarks/predict_cpu.py [--slices 100] [--preset m4oe-t] [--workdir /tmp/m4oe_predict_bench]
 
 The bundle has random weights (speed does not depend on them) and the CT statistics of an 8-bit CT
-dataset; the volume is a synthetic phantom in Hounsfield-like units. Each routing mode runs the real
-command line in a fresh process, so the time includes start-up, reading, resampling and writing.
+dataset; the volume is a synthetic phantom in Hounsfield-like units. Each routing mode and precision
+runs the real command line in a fresh process, so the time includes start-up, reading, resampling
+and writing. bf16 is only fast on CPUs with bf16 instructions (AVX512-BF16 or AMX).
 """
 
 from __future__ import annotations
@@ -45,16 +46,21 @@ def main() -> None:
                                    "label_values": {n: i for i, n in enumerate(labels)}}}}  # fmt: skip
     save_bundle(model, work / "bundle", extra=extra)
     results = {"preset": args.preset, "shape": [512, 512, args.slices]}
-    for routing in ("soft", "hard"):
-        command = [sys.executable, "-m", "m4oe.cli", "predict", "-m", str(work / "bundle"), "-i",
-                   str(work / "ct_0000.nii.gz"), "-o", str(work / f"out_{routing}"), "--dataset", "BTCV",
-                   "--modality", "CT", "--routing", routing, "--device", "cpu"]  # fmt: skip
-        started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        results[f"{routing}_seconds"] = round(time.perf_counter() - started, 1)
-        print(f"{routing:>4} routing: {results[f'{routing}_seconds']:6.1f} s end to end")
-    results["hard_speedup"] = round(results["soft_seconds"] / results["hard_seconds"], 2)
-    print(f"hard routing is {results['hard_speedup']}x faster than soft")
+    for precision in ("fp32", "bf16"):
+        for routing in ("soft", "hard"):
+            command = [sys.executable, "-m", "m4oe.cli", "predict", "-m", str(work / "bundle"), "-i",
+                       str(work / "ct_0000.nii.gz"), "-o", str(work / f"out_{routing}_{precision}"), "--dataset",
+                       "BTCV", "--modality", "CT", "--routing", routing, "--precision", precision,
+                       "--device", "cpu"]  # fmt: skip
+            started = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            key = f"{routing}_{precision}_seconds"
+            results[key] = round(time.perf_counter() - started, 1)
+            print(f"{routing:>4} routing, {precision}: {results[key]:6.1f} s end to end")
+        results[f"hard_speedup_{precision}"] = round(
+            results[f"soft_{precision}_seconds"] / results[f"hard_{precision}_seconds"], 2
+        )
+        print(f"{precision}: hard routing is {results[f'hard_speedup_{precision}']}x faster than soft")
     print(json.dumps(results))
 
 

@@ -8,6 +8,7 @@ import torch
 from m4oe import create_model
 from m4oe.config import ConfigError
 from m4oe.model import init_from_dense, parameter_counts
+from m4oe.model.head import class_argmax
 from m4oe.model.moe import MoEMLP
 from m4oe.model.swin import shifted_window_mask, window_partition, window_reverse
 
@@ -95,6 +96,17 @@ def test_head_masks_classes_outside_each_dataset(micro_model):
         assert torch.all(probs[b, outside] == 0)
         assert torch.allclose(probs[b, inside].sum(0), torch.ones(64, 64), atol=1e-5)
         assert set(probs[b].argmax(0).unique().tolist()) <= set(inside)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_argmax_matches_torch_argmax_including_ties(dtype):
+    torch.manual_seed(0)
+    scores = torch.randint(-3, 4, (2, 14, 9, 7)).to(dtype)  # few values: many ties
+    scores[0, :, 0, 0] = torch.finfo(dtype).min  # a masked-out pixel: every class at the lowest logit
+    assert torch.equal(class_argmax(scores), scores.argmax(1))
+    assert torch.equal(class_argmax(scores[:, :1]), torch.zeros(2, 9, 7, dtype=torch.long))
+    wide = torch.randn(1, 300, 4, 5)  # more classes than uint8 holds
+    assert torch.equal(class_argmax(wide), wide.argmax(1))
 
 
 def test_mixed_batches_are_shuffle_invariant(micro_model):

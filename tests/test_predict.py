@@ -8,11 +8,18 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from m4oe import create_model, save_bundle
+from m4oe import create_model, load_bundle, save_bundle
 from m4oe.cli import app
 from m4oe.config import ModelConfig
 from m4oe.data.io import Geometry
-from m4oe.infer.predict import PredictError, Predictor, collect_inputs, output_name, predict_paths
+from m4oe.infer.predict import (
+    PredictError,
+    Predictor,
+    collect_inputs,
+    inference_dtype,
+    output_name,
+    predict_paths,
+)
 from m4oe.model.unet import M4oEUNet
 
 from .conftest import MICRO, SHARED_DATA
@@ -135,3 +142,54 @@ def test_output_names():
 
     assert output_name(Path("x/case_0000.nii.gz")) == "case.nii.gz"
     assert output_name(Path("x/scan.mha")) == "scan.nii.gz"
+
+
+def test_precision_picks_bf16_only_where_it_is_native(monkeypatch):
+    from m4oe.infer import predict
+
+    monkeypatch.setattr(predict, "cpu_has_bf16", lambda: False)
+    assert inference_dtype("auto", torch.device("cpu")) == torch.float32
+    assert inference_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert inference_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(predict, "cpu_has_bf16", lambda: True)
+    assert inference_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert inference_dtype("fp32", torch.device("cuda")) == torch.float32
+    with pytest.raises(PredictError, match=r"precision must be one of \('auto', 'fp32', 'bf16'\), got 'fp16'"):
+        Predictor(threshold_model(), "cpu", precision="fp16")
+
+
+def test_bf16_prediction_agrees_with_fp32(tmp_path):
+    """bf16 weights and activations: the same classes except near-ties, probabilities close."""
+    torch.manual_seed(0)
+    model = create_model("tiny", modalities=["CT"], label_sets={"phantom": LABELS}, **MICRO)
+    with torch.no_grad():  # a random model's classes are near-ties: spread the logits as training does
+        model.head.proj.weight.mul_(5)
+    model.bundle_extra = EXTRA
+    save_bundle(model, tmp_path / "bundle", extra=EXTRA)
+    path = write_image(tmp_path / "in" / "a_0000.nii.gz", l_shape(shape=(4, 48, 40)))
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        predictor = Predictor(load_bundle(tmp_path / "bundle"), "cpu", precision=precision)
+        expected = torch.float32 if precision == "fp32" else torch.bfloat16
+        assert {p.dtype for p in predictor.model.parameters()} == {expected}
+        report = predict_paths(predictor, [path], tmp_path / precision, dataset="phantom", probabilities=True,
+                               progress=False)  # fmt: skip
+        assert report.failed == []
+        outputs[precision] = np.load(tmp_path / precision / "a_probabilities.npz")["probabilities"].astype(np.float32)
+    fp32, bf16 = outputs["fp32"], outputs["bf16"]
+    diff = np.abs(fp32 - bf16)
+    assert diff.mean() < 0.005 and np.quantile(diff, 0.99) < 0.03
+    top2 = np.sort(fp32, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 0.05  # voxels whose class is not a near-tie
+    assert clear.mean() > 0.5
+    assert (fp32.argmax(0) == bf16.argmax(0))[clear].all()
+
+
+def test_cli_predict_rejects_unknown_precision(tmp_path):
+    model = create_model("tiny", modalities=["CT"], label_sets={"phantom": LABELS}, **MICRO)
+    save_bundle(model, tmp_path / "bundle", extra=EXTRA)
+    write_image(tmp_path / "in" / "a_0000.nii.gz", l_shape(shape=(3, 20, 20)))
+    args = ["predict", "-m", str(tmp_path / "bundle"), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--dataset", "phantom", "--precision", "fp16"])
+    assert result.exit_code == 1 and "precision must be one of" in result.output
+    assert not (tmp_path / "out").exists()

@@ -210,6 +210,9 @@ def predict(
     routing: str = typer.Option(None, help="Override routing: hard (one expert: faster), soft, uniform."),
     batch_size: int = typer.Option(16, help="Slices per forward pass."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    precision: str = typer.Option(
+        "auto", help="fp32, bf16, or auto: bf16 on a GPU or a CPU with bf16 instructions, else fp32."
+    ),
 ) -> None:
     """Segment volumes; label maps keep the input's spacing, origin and direction."""
     from .bundle import BundleError, load_bundle
@@ -217,7 +220,9 @@ def predict(
 
     try:
         bundle = load_bundle(model)
-        predictor = Predictor(bundle, device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing)
+        predictor = Predictor(
+            bundle, device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing, precision=precision
+        )
         report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities)
     except (BundleError, PredictError) as err:
         _fail(err)

@@ -21,6 +21,7 @@ from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, read_v
 from ..data.normalize import normalize
 from ..data.resample import SlicePlan, fit_slices, unfit_logits
 from ..files import atomic_write
+from ..model.head import class_argmax
 from ..model.unet import M4oEUNet
 
 
@@ -48,6 +49,9 @@ class Predictor:
         tta: average the probabilities of the slice and its left-right mirror.
         keep_largest: keep only the largest connected component of every class.
         routing: override the model's routing (``hard`` runs one expert per sample: faster).
+        precision: ``fp32``, ``bf16`` (weights and activations) or ``auto``: bf16 on a GPU and on a
+            CPU with bf16 matrix instructions (AVX512-BF16 or AMX; about 3x faster than fp32 there),
+            fp32 elsewhere.
     """
 
     def __init__(
@@ -58,10 +62,11 @@ class Predictor:
         tta: bool = False,
         keep_largest: bool = False,
         routing: str | None = None,
+        precision: str = "auto",
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # On a GPU the whole model runs in bf16 (weights and activations): faster than autocast.
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # The whole model runs in bf16 (weights and activations), not under autocast: faster.
+        self.dtype = inference_dtype(precision, self.device)
         self.model = model.to(self.device, self.dtype).eval()
         if routing is not None:
             self.model.set_routing(routing)
@@ -143,7 +148,7 @@ class Predictor:
                 gate_sum = means if gate_sum is None else gate_sum + means
                 gate_count += b
             scores = unfit_logits(scores[:, class_index], plan)  # [b, C, Y, X]
-            labels[start : start + b] = scores.argmax(1).cpu().numpy()
+            labels[start : start + b] = class_argmax(scores).cpu().numpy()
             if probs_out is not None:
                 p = scores if self.tta else scores.softmax(1)
                 probs_out[:, start : start + b] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
@@ -155,6 +160,25 @@ class Predictor:
             weights = (gate_sum / gate_count).tolist()
             experts = {m: round(w, 4) for m, w in zip(self.model.modalities, weights, strict=True)}
         return Prediction(values[labels], request["classes"], request["values"], experts, probs_out)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype a :class:`Predictor` runs in for ``precision`` (see there) on ``device``."""
+    if precision not in PRECISIONS:
+        raise PredictError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+        return torch.bfloat16 if fast else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (without it, bf16 is slower than fp32)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..data.loader import SliceCache
+from ..model.head import class_argmax
 from ..model.unet import M4oEUNet
 
 
@@ -72,7 +73,7 @@ def validate(
             ds = torch.full((b,), model_d, dtype=torch.long, device=device)
             with autocast():
                 logits, gates = model(chunk, model_m, ds, return_gates=True)
-            preds.append(logits.argmax(1).cpu())
+            preds.append(class_argmax(logits).cpu())
             if gates:
                 means = torch.stack([g.float().mean(dim=1).sum(0) for g in gates]).cpu()  # [blocks, E]
                 key = cache.modalities[modality]

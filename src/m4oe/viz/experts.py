@@ -16,6 +16,7 @@ from ..data.normalize import normalize
 from ..data.resample import SlicePlan, fit_slices
 from ..files import save_figure, write_csv, write_text
 from ..infer.predict import Predictor
+from ..model.head import class_argmax
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def gate_maps(predictor: Predictor, volume, dataset: str | None, modality: str |
         mod = request["modality"]
         ds = None if request["dataset"] is None else torch.full((b,), request["dataset"], device=device)
         logits, gates = model(batch, mod, ds, return_gates=True)
-        preds.append(logits.argmax(1).cpu())
+        preds.append(class_argmax(logits).cpu())
         for i, g in enumerate(gates):
             if len(per_block) <= i:
                 per_block.append([])
