@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from m4oe import create_model, load_bundle
 from m4oe.config import load_experiment
@@ -163,6 +164,56 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(workdir, cache_d
     state = torch.load(out / "last" / "train_state.pt", weights_only=True)
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in _weights(out).values() if v.is_floating_point())
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts the operations that bring tensor values back to the host: on a GPU each one waits
+    for all queued work (``item``/``int``/``float``/``bool`` reach ``_local_scalar_dense``)."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default)  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("phase, routing", [("train", "soft"), ("train", "hard"), ("pretrain", None)])
+def test_training_steps_read_nothing_back_from_the_device(workdir, cache_dir, monkeypatch, phase, routing):
+    """As on a GPU (index checks off), the loop reads values back only outside the steps: a run
+    of 6 steps reads exactly as often as a run of 2."""
+    from m4oe.model import checks
+    from m4oe.train import loop
+
+    monkeypatch.setattr(checks, "HOST_DEVICES", frozenset())  # what a GPU tensor gets
+    monkeypatch.setattr(loop, "LOOK_EVERY", 1000)
+    tolist = torch.Tensor.tolist
+    reads = DeviceReads()
+
+    def counted_tolist(tensor):  # a CPU tensor's tolist reads its memory without dispatching an op
+        reads.count += 1
+        return tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    def run(samples: int, out: Path) -> None:
+        config = experiment(workdir, epochs=1, pretrain_epochs=1, samples_per_epoch=samples, val_every=0,
+                            checkpoint_every=0, routing=routing)  # fmt: skip
+        runner = run_train if phase == "train" else run_pretrain
+        runner(config, out, cache_dir, progress=False)
+
+    run(16, workdir / f"reads_{phase}_{routing}_warm")  # the cache exists from here on
+    counts = []
+    for samples in (16, 48):
+        reads.count = 0
+        with reads:
+            run(samples, workdir / f"reads_{phase}_{routing}_{samples}")
+        counts.append(reads.count)
+    assert counts[0] == counts[1], counts
 
 
 def test_per_modality_baseline_trains_one_model_each(workdir, cache_dir):

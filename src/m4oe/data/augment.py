@@ -71,10 +71,12 @@ def augment_batch(
         coarse = torch.randn(B, 2, config.elastic_grid, config.elastic_grid, generator=generator, device=device)
         field = F.interpolate(coarse, size=image.shape[-2:], mode="bicubic", align_corners=False)
         grid = grid + field.permute(0, 2, 3, 1) * (2 * config.elastic_alpha) * elastic
-    identity = ~spatial & (flip_x > 0) & (flip_y > 0)
-    if config.elastic_prob > 0:
-        identity &= elastic.view(-1) == 0
-    if not bool(identity.all()):
+    # Decided from the config, not from the drawn values: reading those back would stall a GPU.
+    warps = config.spatial_prob > 0 or config.flip_x_prob > 0 or config.flip_y_prob > 0 or config.elastic_prob > 0
+    if warps:
+        identity = ~spatial & (flip_x > 0) & (flip_y > 0)
+        if config.elastic_prob > 0:
+            identity &= elastic.view(-1) == 0
         warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
         warped_label = F.grid_sample(label[:, None].float(), grid, mode="nearest", align_corners=False)
         keep = identity[:, None, None, None]

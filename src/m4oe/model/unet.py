@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, build_vocabulary
+from .checks import check_index_range
 from .head import DynamicHead
 from .swin import PatchEmbed, PatchExpand, PatchMerging, SwinStage, make_mlp_factory
 
@@ -150,7 +151,7 @@ class M4oEUNet(nn.Module):
         return (logits, gates) if return_gates else logits
 
     def _check_input(self, image: Tensor, modality: Tensor | None, dataset: Tensor | None) -> None:
-        if torch.compiler.is_compiling():  # checked in eager runs; value checks would sync the device
+        if torch.compiler.is_compiling():  # shapes and types are checked in eager runs
             return
         S, C = self.config.img_size, self.config.in_chans
         if image.ndim != 4 or image.shape[1] != C or image.shape[2:] != (S, S):
@@ -164,8 +165,7 @@ class M4oEUNet(nn.Module):
                 raise ValueError(
                     f"{name} must be a long tensor of shape [{image.shape[0]}], got {ids.dtype} {list(ids.shape)}"
                 )
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= count):
-                raise ValueError(f"{name} index out of range [0, {count}): {ids.tolist()}")
+            check_index_range(name, ids, count)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -6,7 +6,7 @@ and, optionally, a validation. The loop does the rest:
 * one process on CPU or GPU, or several through ``torchrun`` (DistributedDataParallel; gloo on CPU,
   NCCL on GPU): each process takes its share of every global batch, so the same command and config
   give the same training whatever the number of processes;
-* bf16 autocast on CUDA, optional ``torch.compile``, fused AdamW on CUDA, gradient clipping,
+* bf16 autocast on CUDA, optional ``torch.compile``, fused AdamW, gradient clipping,
   linear warm-up + cosine learning rate per step;
 * checkpoints written atomically to ``RUN/last`` (model bundle + ``train_state.pt`` with optimizer,
   scheduler, step, epoch and batch position, RNG states) and ``RUN/best``; ``resume`` continues a
@@ -42,6 +42,36 @@ STATE_FILE = "train_state.pt"
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+LOOK_EVERY = 10  # steps between read-backs of the loss (for the divergence check and the progress bar)
+
+
+class Divergence:
+    """Notes the first non-finite loss on the device; :meth:`check` reads it back and raises.
+
+    Reading the loss every step (``loss.item()``) would make the CPU wait for the GPU at every step,
+    so the loop only looks every ``LOOK_EVERY`` steps and before writing any checkpoint: the error
+    still names the first bad step, and no checkpoint holds weights updated from it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        never = torch.tensor(-1, device=device)
+        self.step, self.epoch, self.batch, self.loss = never, never, never, never.double()
+
+    def note(self, loss: Tensor, step: int, epoch: int, batch: int) -> None:
+        new = (self.step < 0) & ~torch.isfinite(loss)
+        # Python numbers go into the kernels as arguments: no host-to-device copy, which would sync
+        self.step, self.epoch = torch.where(new, step, self.step), torch.where(new, epoch, self.epoch)
+        self.batch, self.loss = torch.where(new, batch, self.batch), torch.where(new, loss.double(), self.loss)
+
+    def check(self, out: Path) -> None:
+        step, epoch, batch, loss = torch.stack([self.step, self.epoch, self.batch, self.loss]).tolist()
+        if step >= 0:
+            raise TrainingDiverged(
+                f"non-finite loss ({loss}) at step {int(step)} (epoch {int(epoch) + 1}, batch {int(batch)}); "
+                f"the last good checkpoint is kept in {out / 'last'}"
+            )
 
 
 class Task(Protocol):
@@ -206,7 +236,7 @@ def fit(
     steps_per_epoch = len(sampler)
     total_steps = epochs * steps_per_epoch
     params = [p for p in module.parameters() if p.requires_grad]
-    fused = runtime.device.type == "cuda"
+    fused = runtime.device.type in ("cuda", "cpu")  # one kernel for all parameters, no step-count read-back
     # a task may exempt parameters from weight decay (add-modality keeps frozen slices bit-exact)
     no_decay = {id(p) for p in getattr(task, "no_weight_decay", lambda: [])()}
     groups = [
@@ -243,7 +273,10 @@ def fit(
     augment = AugmentConfig() if config.augment else None
     loader = make_loader(cache, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
 
+    divergence = Divergence(runtime.device)
+
     def checkpoint(epoch: int, batch: int) -> None:
+        divergence.check(out)  # never save weights that a non-finite loss has touched
         state = {
             "module": module.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -277,11 +310,7 @@ def fit(
                 batch["image"], batch["label"] = augment_batch(batch["image"], batch["label"], augment, generator)
             with autocast():
                 loss, logs = task.loss(batch, loss_module)
-            if not torch.isfinite(loss.detach()).item():
-                raise TrainingDiverged(
-                    f"non-finite loss ({float(loss.detach())}) at step {step} "
-                    f"(epoch {epoch + 1}, batch {batch_index}); the last good checkpoint is kept in {out / 'last'}"
-                )
+            divergence.note(loss.detach(), step, epoch, batch_index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -293,11 +322,13 @@ def fit(
             for key, value in {"loss": loss.detach(), **logs}.items():
                 sums[key] = sums.get(key, 0) + value.float()
             bar.update()
-            if bar.n % 10 == 0:
+            if step % LOOK_EVERY == 0:  # the one read-back of the loss every LOOK_EVERY steps
+                divergence.check(out)
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", sps=f"{seen / (time.perf_counter() - started):.0f}")
             if config.checkpoint_every and step % config.checkpoint_every == 0 and batch_index + 1 < steps_per_epoch:
                 checkpoint(epoch, batch_index + 1)
         bar.close()
+        divergence.check(out)
         seconds = time.perf_counter() - started
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step}
         row.update({k: round(float(_all_mean(v, runtime)) / steps_per_epoch, 6) for k, v in sums.items()})

@@ -28,9 +28,8 @@ def soft_dice_per_sample(probs: Tensor, target: Tensor, classes: Tensor) -> Tens
         target: ``[B, H, W]`` class indices.
         classes: ``[B, K]`` bool, the classes each sample's dataset has (background included).
     """
-    K = probs.shape[1]
-    one_hot = F.one_hot(target, K).permute(0, 3, 1, 2).to(probs.dtype)
-    predicted = F.one_hot(probs.detach().argmax(1), K).amax(dim=(1, 2)).bool()  # [B, K]
+    one_hot = _one_hot(target, probs.shape[1]).to(probs.dtype)
+    predicted = _one_hot(probs.detach().argmax(1), probs.shape[1]).amax(dim=(2, 3))  # [B, K]
     dims = (2, 3)
     intersection = (probs * one_hot).sum(dims)
     denominator = probs.sum(dims) + one_hot.sum(dims)
@@ -40,6 +39,12 @@ def soft_dice_per_sample(probs: Tensor, target: Tensor, classes: Tensor) -> Tens
     weights = counted.to(dice.dtype)
     n = weights.sum(1)
     return torch.where(n > 0, (dice * weights).sum(1) / n.clamp_min(1), torch.ones_like(n))
+
+
+def _one_hot(index: Tensor, classes: int) -> Tensor:
+    """``[B, H, W]`` class indices -> ``[B, K, H, W]`` bool. Unlike ``F.one_hot`` it reads no value
+    back to check the range (a device sync per call) and makes no int64 copy."""
+    return index.unsqueeze(1) == torch.arange(classes, device=index.device).view(1, -1, 1, 1)
 
 
 def segmentation_loss(

@@ -29,7 +29,7 @@ class PretrainTask:
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
         # masks come from the global CPU generator, whose state the checkpoints keep
-        mask = self.module.random_mask(batch["image"].shape[0]).to(batch["image"].device)
+        mask = self.module.random_mask(batch["image"].shape[0]).to(batch["image"].device, non_blocking=True)
         loss, _ = module(batch["image"], batch["modality"], mask)
         return loss, {}
 
