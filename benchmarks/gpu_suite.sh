@@ -3,14 +3,14 @@
 #   bash benchmarks/gpu_suite.sh OUT_DIR [BUDGET_SECONDS]
 #   STEPS="eager_bf16 profile" bash benchmarks/gpu_suite.sh OUT_DIR   # a subset of the steps
 #   QUICK=1 bash benchmarks/gpu_suite.sh /tmp/q                      # tiny model on CPU: checks the script
-#   STEPS="ab_attention cudagraphs" bash benchmarks/gpu_suite.sh OUT   # the open questions of benchmarks.md
+#   STEPS="ab_attention cudagraphs train_loop" bash benchmarks/gpu_suite.sh OUT   # the open questions of benchmarks.md
 # Runs from the repository root with PYTHONPATH=src (no install needed). Each step has its own time
 # limit, and steps are skipped once the budget is spent, so partial results still come back.
 set -u
 OUT=${1:-/tmp/m4oe_gpu}
 BUDGET=${2:-540}
 QUICK=${QUICK:-0}
-STEPS=${STEPS:-"eager_bf16 eager_hard eager_fp32 profile compiled_soft compiled_infer loader"}
+STEPS=${STEPS:-"eager_bf16 eager_hard eager_fp32 profile compiled_soft compiled_infer train_loop loader"}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -18,8 +18,10 @@ PEAK=${PEAK_TFLOPS:-790}
 if [ "$QUICK" = 1 ]; then
   M=tiny; LITE=tiny; DENSE=tiny; EXTRA="--batch 4 --infer-batch 4 --steps 2 --warmup 1 --device cpu"
   PROFILE="--batch 4 --device cpu"; LOADER="--synthetic 300 --device cpu"
+  LOOP="--preset tiny --batch 4 --steps 3 --workers 0 --device cpu"
 else
   M=m4oe-t; LITE=m4oe-t-lite; DENSE=swin-unet; EXTRA=""; PROFILE=""; LOADER="--synthetic 4000"
+  LOOP="--preset m4oe-t --batch 36 --steps 150 --workers 8"
 fi
 BENCH="python -m m4oe.cli bench --peak-tflops $PEAK $EXTRA"
 
@@ -47,5 +49,7 @@ step compiled_infer 150 $BENCH --preset $M,$LITE --routing hard --precision bf16
 # not in the default list: the A/B runs of docs/benchmarks.md's open questions
 step ab_attention 240 $BENCH --preset $M --precision bf16 --compile --pure-bf16 --attention sdpa,explicit --json "$OUT/ab_attention.json"
 step cudagraphs 200 $BENCH --preset $M --precision bf16 --compile --compile-mode reduce-overhead --pure-bf16 --json "$OUT/cudagraphs.json"
+# the whole m4oe train step (loader, augmentation, loss, AdamW, compile), not just the model
+step train_loop 240 python benchmarks/train_loop.py $LOOP
 step loader 60 python benchmarks/loader.py $LOADER --workers 8 --batch 36 --batches 40
 echo "total $(( $(date +%s) - START ))s"

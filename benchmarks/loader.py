@@ -60,7 +60,9 @@ def synthetic_cache(path: Path, slices: int, size: int = 224, datasets: int = 3)
     meta = {"complete": True, "num_slices": slices, "img_size": size, "storage": "float16",
             "modalities": [f"m{d}" for d in range(datasets)], "class_names": ["background", "a", "b", "c"],
             "label_sets": {f"d{d}": ["background", "a", "b", "c"] for d in range(datasets)},
-            "datasets": [{"name": f"d{d}", "weight": 1.0} for d in range(datasets)], "cases": []}  # fmt: skip
+            "datasets": [{"name": f"d{d}", "weight": 1.0, "modality": f"m{d}", "normalization": {"scheme": "none"},
+                          "label_values": {"background": 0, "a": 1, "b": 2, "c": 3}} for d in range(datasets)],
+            "cases": []}  # fmt: skip
     (path / "meta.json").write_text(json.dumps(meta))
     return path
 

@@ -44,3 +44,21 @@ def test_loop_reference_of_the_benchmark_matches_the_fused_layer():
     x = torch.randn(5, 8, dtype=torch.float64)
     fused, gates = layer(x, None, "soft")
     assert torch.allclose(loop_reference(layer, x, gates), fused, atol=1e-12)
+
+
+def test_training_loop_benchmark_quick(tmp_path):
+    """benchmarks/train_loop.py runs the real fit() for two epochs and reports the second."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "train_loop.py"
+    command = [sys.executable, str(script), "--preset", "tiny", "--batch", "4", "--steps", "3", "--workers", "0",
+               "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["device"] == "cpu" and result["img_size"] == 128 and result["steps_per_epoch"] == 3
+    assert result["slices_per_s"] > 0 and result["epoch1_slices_per_s"] > 0
+    assert all(loss == loss and loss > 0 for loss in result["loss"])  # finite (not NaN), positive
+    assert f"{result['slices_per_s']} slices/s" in done.stdout
