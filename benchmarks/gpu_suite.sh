@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_suite.sh OUT_DIR [BUDGET_SECONDS]
 #   STEPS="eager_bf16 profile" bash benchmarks/gpu_suite.sh OUT_DIR   # a subset of the steps
 #   QUICK=1 bash benchmarks/gpu_suite.sh /tmp/q                      # tiny model on CPU: checks the script
-#   STEPS="ab_attention cudagraphs train_loop" bash benchmarks/gpu_suite.sh OUT   # the open questions of benchmarks.md
+#   STEPS="ab_attention ab_hard cudagraphs train_loop" bash benchmarks/gpu_suite.sh OUT   # benchmarks.md's open questions
 # Runs from the repository root with PYTHONPATH=src (no install needed). Each step has its own time
 # limit, and steps are skipped once the budget is spent, so partial results still come back.
 set -u
@@ -48,6 +48,7 @@ step compiled_soft 200 $BENCH --preset $M --precision bf16 --compile --pure-bf16
 step compiled_infer 150 $BENCH --preset $M,$LITE --routing hard --precision bf16 --compile --pure-bf16 --no-train --json "$OUT/compiled_infer.json"
 # not in the default list: the A/B runs of docs/benchmarks.md's open questions
 step ab_attention 240 $BENCH --preset $M --precision bf16 --compile --pure-bf16 --attention sdpa,explicit --json "$OUT/ab_attention.json"
+step ab_hard 200 $BENCH --preset $M --routing hard --precision bf16 --compile --hard-kernel onehot,grouped --json "$OUT/ab_hard.json"
 step cudagraphs 200 $BENCH --preset $M --precision bf16 --compile --compile-mode reduce-overhead --pure-bf16 --json "$OUT/cudagraphs.json"
 # the whole m4oe train step (loader, augmentation, loss, AdamW, compile), not just the model
 step train_loop 240 python benchmarks/train_loop.py $LOOP

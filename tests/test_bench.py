@@ -62,3 +62,23 @@ def test_training_loop_benchmark_quick(tmp_path):
     assert result["slices_per_s"] > 0 and result["epoch1_slices_per_s"] > 0
     assert all(loss == loss and loss > 0 for loss in result["loss"])  # finite (not NaN), positive
     assert f"{result['slices_per_s']} slices/s" in done.stdout
+
+
+def test_bench_hard_kernel_ab_records_the_kernel_used(tmp_path):
+    from m4oe.model.moe import MoEMLP
+
+    out = tmp_path / "bench.json"
+    command = ["bench", "--quick", "--device", "cpu", "--precision", "fp32", "--routing", "soft,hard",
+               "--hard-kernel", "grouped,onehot", "--json", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["models"]
+    assert [(r["routing"], r["hard_kernel"], r["hard_kernel_used"]) for r in rows] == [
+        ("soft", "auto", "grouped"),  # soft routing never uses it; the device default is reported
+        ("hard", "grouped", "grouped"),
+        ("hard", "onehot", "onehot"),
+    ]
+    assert MoEMLP.grouped_devices == frozenset({"cpu"})  # put back after the run
+    assert all(r["train_slices_per_s"] > 0 for r in rows)
+    bad = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--routing", "hard", "--hard-kernel", "x"])
+    assert bad.exit_code == 1 and "hard kernel must be one of grouped, onehot, auto, got x" in bad.output

@@ -137,3 +137,46 @@ def test_hard_routing_with_one_shared_expert_equals_per_sample_routing():
     assert torch.equal(shared_gates, gates)
     with pytest.raises(ValueError, match="out of range"):
         layer(x, 3, "hard")
+
+
+@pytest.mark.parametrize("modality", [[2, 0, 1, 1, 0], [1, 1, 2, 1, 2]])  # unsorted; expert 0 unused
+def test_hard_routing_of_a_mixed_batch_runs_grouped_gemms_matching_the_loop(modality, monkeypatch):
+    """fp32 on the CPU: each sample through its own expert only, via two torch._grouped_mm calls."""
+    layer = make_layer(C=16, H=24).float()  # rows of a multiple of 16 bytes in bf16 too
+    x = torch.randn(5, 7, 16, requires_grad=True)
+    modality = torch.tensor(modality)
+    calls = []
+    grouped_mm = torch._grouped_mm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return grouped_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counted)
+    fast, gates = layer(x, modality, "hard")
+    assert calls == [(35, 16), (35, 24)]  # tokens x width: one expert per token, not E
+    assert torch.equal(gates[:, 0], F.one_hot(modality, 3).float())
+    ref = loop_reference(layer, x, modality, "hard")
+    assert rel_err(fast, ref) < 1e-6
+    grad_out = torch.randn_like(fast)
+    params = [x, layer.w1, layer.b1, layer.w2, layer.b2]
+    for g_fast, g_ref in zip(torch.autograd.grad(fast, params, grad_out), torch.autograd.grad(ref, params, grad_out),
+                             strict=True):  # fmt: skip
+        assert rel_err(g_fast, g_ref) < 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = layer(x, modality, "hard")
+    assert low.dtype == torch.bfloat16 and rel_err(low.float(), ref) < 2e-2
+
+
+def test_hard_routing_falls_back_to_one_hot_gates_where_grouped_gemms_are_off(monkeypatch):
+    layer = make_layer(C=16, H=24).float()
+    x = torch.randn(4, 6, 16)
+    modality = torch.tensor([0, 2, 2, 1])
+    grouped, _ = layer(x, modality, "hard")
+    odd = make_layer(C=12, H=20).float()  # 12 bf16 values are 24 bytes: not a grouped-GEMM row
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        odd_out, _ = odd(torch.randn(4, 6, 12), modality, "hard")
+    assert odd_out.dtype == torch.bfloat16
+    monkeypatch.setattr(MoEMLP, "grouped_devices", frozenset())
+    one_hot, _ = layer(x, modality, "hard")
+    assert rel_err(one_hot, grouped) < 1e-6

@@ -33,6 +33,7 @@ class BenchConfig:
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
     attention: str = "sdpa"  # window attention kernel: sdpa | explicit
+    hard_kernel: str = "auto"  # hard routing of mixed batches: grouped | onehot | auto (the device's default)
     experts: int = 3
     classes: int = 14
     steps: int = 20
@@ -77,12 +78,22 @@ def _model(cfg: BenchConfig):
 
 def bench_model(cfg: BenchConfig) -> dict[str, Any]:
     """Training and inference slices/s, peak memory and achieved TFLOP/s of one configuration."""
-    previous = WindowAttention.kernel
+    previous, grouped = WindowAttention.kernel, MoEMLP.grouped_devices
+    device = torch.device(cfg.device).type
     set_attention_kernel(cfg.attention)
+    if cfg.hard_kernel == "grouped":
+        MoEMLP.grouped_devices = grouped | {device}
+    elif cfg.hard_kernel == "onehot":
+        MoEMLP.grouped_devices = grouped - {device}
+    elif cfg.hard_kernel != "auto":
+        raise ValueError(f"hard kernel must be grouped, onehot or auto, got {cfg.hard_kernel!r}")
     try:
-        return _bench_model(cfg)
+        result = _bench_model(cfg)
+        result["hard_kernel_used"] = "grouped" if device in MoEMLP.grouped_devices else "onehot"
+        return result
     finally:
         set_attention_kernel(previous)
+        MoEMLP.grouped_devices = grouped
 
 
 def _bench_model(cfg: BenchConfig) -> dict[str, Any]:

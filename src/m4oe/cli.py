@@ -338,6 +338,9 @@ def bench(
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
     compile_mode: str = typer.Option(None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)."),
     attention: str = typer.Option("sdpa", help="Comma-separated window attention kernels: sdpa, explicit."),
+    hard_kernel: str = typer.Option(
+        "auto", help="Comma-separated kernels for hard routing of mixed batches: grouped, onehot, auto."
+    ),
     experts: int = typer.Option(3, help="Number of modality experts."),
     steps: int = typer.Option(20, help="Timed steps per measurement."),
     warmup: int = typer.Option(5, help="Untimed steps first."),
@@ -364,12 +367,19 @@ def bench(
     if quick:
         base = replace(base, batch=4, infer_batch=4, steps=2, warmup=1)
         preset = "tiny"
+    for name, values, allowed in (("attention kernel", attention, ("sdpa", "explicit")),
+                                  ("hard kernel", hard_kernel, ("grouped", "onehot", "auto"))):  # fmt: skip
+        unknown = [v for v in _split(values) if v not in allowed]
+        if unknown:
+            _fail(ValueError(f"{name} must be one of {', '.join(allowed)}, got {', '.join(unknown)}"))
     rows = []
     for p in _split(preset):
         for r in _split(routing):
             for prec in _split(precision):
                 for kernel in _split(attention):
-                    rows.append(bench_model(replace(base, preset=p, routing=r, precision=prec, attention=kernel)))
+                    for hard in _split(hard_kernel) if r == "hard" else ["auto"]:
+                        config = replace(base, preset=p, routing=r, precision=prec, attention=kernel, hard_kernel=hard)
+                        rows.append(bench_model(config))
     layer = bench_moe_layer(replace(base, precision=_split(precision)[0]), tokens=4096 if quick else None)
     table = Table(title=f"m4oe bench on {environment(base.device).get('gpu', 'CPU')} (torch {torch_version()})")
     for col in ("preset", "routing", "precision", "attention", "compile", "train sl/s", "train GiB", "train TFLOP/s",
@@ -378,7 +388,8 @@ def bench(
     for row in rows:
         precision = "bf16 (pure)" if row["pure_bf16_infer"] else row["precision"]
         compiled = (row["compile_mode"] or "yes") if row["compile"] else "no"
-        cells = [row["preset"], row["routing"], precision, row["attention"], compiled]
+        routing = f"hard ({row['hard_kernel_used']})" if row["routing"] == "hard" else row["routing"]
+        cells = [row["preset"], routing, precision, row["attention"], compiled]
         for mode in ("train", "infer"):
             if f"{mode}_slices_per_s" not in row:
                 cells += ["-", "-", "-"]

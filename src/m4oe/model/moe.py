@@ -8,10 +8,14 @@ Python loop over experts or samples runs in the forward pass:
   + g @ b2``, a second single GEMM.
 * ``hard``: each sample's tokens go through its modality's expert alone. When the whole batch shares
   one expert (inference on a scan) only that expert runs (``E`` times fewer expert FLOPs than
-  ``soft``); a batch mixing modalities uses the fused path with one-hot gates.
+  ``soft``). A batch mixing modalities (phase-1 pre-training, hard-routed training) is sorted by
+  expert and runs two grouped GEMMs (``torch._grouped_mm``): again only each sample's own expert, on
+  the devices in ``MoEMLP.grouped_devices``; elsewhere it takes the fused path with one-hot gates.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,8 @@ from torch import Tensor, nn
 
 from ..config import ROUTING_MODES
 from .checks import check_index_range
+
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch._grouped_mm multiplies
 
 
 class DenseMLP(nn.Module):
@@ -50,6 +56,10 @@ class MoEMLP(nn.Module):
         expert (inference on one scan: ``hard`` routing then runs that expert's weights directly,
         without gathering a copy per sample). Returns ``(out [B, L, C], gates [B, L, E])``.
     """
+
+    # Devices on which hard routing of a mixed batch uses grouped GEMMs. The CPU is tested; CUDA
+    # waits for a GPU measurement against the one-hot path (``m4oe bench --hard-kernel``).
+    grouped_devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
 
     def __init__(
         self,
@@ -142,13 +152,43 @@ class MoEMLP(nn.Module):
             gates[e] = 1.0
             return out, gates.expand(*x.shape[:-1], -1)
         check_index_range("modality", modality, self.num_experts)
-        # A batch mixing modalities goes through the fused path with one-hot gates: every token still
-        # gets exactly its own expert's output. Gathering a weight copy per sample instead was slower
-        # (measured on an H200: 473 vs 543 training slices/s for m4oe-t at batch 36).
         # (A comparison, not F.one_hot, which reads the indices back on the CPU to check them.)
         one_hot = modality[:, None] == torch.arange(self.num_experts, device=modality.device)
         gates = one_hot.to(x.dtype)[:, None, :].expand(*x.shape[:-1], -1)
+        if x.device.type in MoEMLP.grouped_devices and self._grouped_fits(x, self._compute_dtype(x)):
+            return self._grouped(x, modality, one_hot), gates
+        # Otherwise the fused path with one-hot gates: every token still gets exactly its own
+        # expert's output. Gathering a weight copy per sample instead was slower (measured on an
+        # H200: 473 vs 543 training slices/s for m4oe-t at batch 36).
         return self._mix(x, gates), gates
+
+    def _grouped_fits(self, x: Tensor, dtype: torch.dtype) -> bool:
+        """torch._grouped_mm takes rows whose strides are multiples of 16 bytes, in fp32/bf16/fp16
+        eagerly on the CPU but in bf16 only under torch.compile and on CUDA."""
+        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        allowed = GROUPED_DTYPES if eager_cpu else (torch.bfloat16,)
+        size = torch.empty((), dtype=dtype).element_size()
+        return dtype in allowed and (self.dim * size) % 16 == 0 and (self.hidden * size) % 16 == 0
+
+    @staticmethod
+    def _compute_dtype(x: Tensor) -> torch.dtype:
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+    def _grouped(self, x: Tensor, modality: Tensor, one_hot: Tensor) -> Tensor:
+        """Each sample through its own expert only: samples sorted by expert, two grouped GEMMs."""
+        B, L, C = x.shape
+        dtype = self._compute_dtype(x)
+        order = torch.argsort(modality, stable=True)
+        expert = modality[order]
+        # token offsets where each expert's rows end, computed on the device (no read-back)
+        ends = (torch.cumsum(one_hot.sum(0), 0) * L).to(torch.int32)
+        tokens = x[order].reshape(B * L, C).to(dtype)
+        hidden = torch._grouped_mm(tokens, self.w1.transpose(1, 2).to(dtype), offs=ends)
+        hidden = F.gelu(hidden.view(B, L, -1) + self.b1[expert, None].to(dtype))
+        out = torch._grouped_mm(hidden.view(B * L, -1), self.w2.transpose(1, 2).to(dtype), offs=ends)
+        out = out.view(B, L, C) + self.b2[expert, None].to(dtype)
+        return out[torch.argsort(order)]
 
     @torch.no_grad()
     def load_dense(self, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> None:
