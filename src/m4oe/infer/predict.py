@@ -127,7 +127,9 @@ class Predictor:
         slices = fit_slices(normalize(volume.array, request["normalization"]), plan)
         class_index = torch.tensor(request["class_index"], device=self.device)
         Z = slices.shape[0]
-        labels = np.zeros(volume.array.shape, dtype=np.int64)
+        few = len(class_index) <= 256  # class indices in one byte: a 100 x 512^2 map is 26 MB, not 210
+        index_dtype = torch.uint8 if few else torch.int16
+        labels = np.zeros(volume.array.shape, dtype=np.uint8 if few else np.int16)
         probs_out = np.zeros((len(class_index), *volume.array.shape), np.float16) if probabilities else None
         gate_sum, gate_count = None, 0
         for start in range(0, Z, self.batch_size):
@@ -148,13 +150,13 @@ class Predictor:
                 gate_sum = means if gate_sum is None else gate_sum + means
                 gate_count += b
             scores = unfit_logits(scores[:, class_index], plan)  # [b, C, Y, X]
-            labels[start : start + b] = class_argmax(scores).cpu().numpy()
+            labels[start : start + b] = class_argmax(scores, index_dtype).cpu().numpy()
             if probs_out is not None:
                 p = scores if self.tta else scores.softmax(1)
                 probs_out[:, start : start + b] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
         if self.keep_largest:
             labels = keep_largest_components(labels)
-        values = np.asarray(request["values"], dtype=np.int64)
+        values = np.asarray(request["values"], dtype=np.uint8 if max(request["values"]) < 256 else np.int32)
         experts = {}
         if gate_sum is not None:
             weights = (gate_sum / gate_count).tolist()

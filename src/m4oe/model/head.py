@@ -39,16 +39,17 @@ class DynamicHead(nn.Module):
         return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
 
 
-def class_argmax(scores: Tensor) -> Tensor:
-    """``scores.argmax(1)`` (the first maximum wins on ties), computed class by class.
+def class_argmax(scores: Tensor, dtype: torch.dtype = torch.long) -> Tensor:
+    """``scores.argmax(1)`` (the first maximum wins on ties), computed class by class, as ``dtype``.
 
     On the CPU, argmax over the strided class dimension of ``[B, K, H, W]`` is several times slower
     than ``K`` passes of contiguous element-wise comparisons (0.74 s vs 0.09 s for 16 x 14 x 512 x 512).
     """
     best = scores[:, 0]
-    index = torch.zeros(best.shape, dtype=torch.uint8 if scores.shape[1] <= 256 else torch.long, device=scores.device)
+    work = torch.uint8 if scores.shape[1] <= 256 else torch.long
+    index = torch.zeros(best.shape, dtype=work, device=scores.device)
     for k in range(1, scores.shape[1]):
         candidate = scores[:, k]
         index.masked_fill_(candidate > best, k)
         best = torch.maximum(best, candidate)
-    return index.long()
+    return index.to(dtype)
