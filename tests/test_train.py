@@ -90,6 +90,33 @@ def test_train_loss_falls_and_validation_dice_rises(workdir, cache_dir):
     best = load_bundle(out / "best")
     assert best.bundle_extra["datasets"]["CHAOS"]["label_values"]["liver"] == 1
     assert best.bundle_extra["datasets"]["BTCV"]["normalization"]["scheme"] == "ct"
+    rerun = load_experiment(out / "config.yaml")  # the run's own config reruns it
+    original = experiment(workdir, epochs=15)
+    assert (rerun.datasets, rerun.split, rerun.training) == (original.datasets, original.split, original.training)
+    assert (rerun.preset, rerun.model_overrides) == (original.preset, original.model_overrides)
+    assert yaml.safe_load((out / "config.yaml").read_text())["run"]["phase"] == "train"
+
+
+def test_experiment_written_out_reads_back_the_same(tmp_path):
+    from m4oe.config import experiment_to_dict, parse_experiment
+
+    values = {
+        "model": {"preset": "tiny", "img_size": 256, "window_size": 8},
+        "split": {"folds": 3, "fold": 1, "group_pattern": "patient\\d+"},
+        "train": {"epochs": 2, "routing": "hard"},
+        "datasets": [
+            {"path": "a", "modality": "CT", "label_map": {"kidney_left": "kidney", "kidney_right": "kidney"},
+             "cases": ["c1", "c2"], "weight": 2.0},
+            {"path": "b", "modality": "MRI", "labels": "none", "max_cases": 3},
+            {"path": "c", "name": "C", "normalization": "mri", "split": {"val": ["x_1", "x_2"]}},
+        ],
+    }  # fmt: skip
+    first = parse_experiment(values, base_dir=tmp_path)
+    written = yaml.safe_load(yaml.safe_dump({**experiment_to_dict(first), "run": {"phase": "train"}}))
+    again = parse_experiment(written, base_dir="/elsewhere")  # paths were written absolute
+    assert again.datasets == first.datasets and again.split == first.split
+    assert again.training == first.training and again.model == {"preset": "tiny", "img_size": 256, "window_size": 8}
+    assert not again.datasets[1].labeled and again.datasets[2].split.val == ("x_1", "x_2")
 
 
 def test_pretrained_encoder_and_experts_are_loaded(pretrained):

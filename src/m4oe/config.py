@@ -300,7 +300,7 @@ _DATASET_KEYS = {
     "path", "modality", "name", "normalization", "label_map", "labels", "cases", "max_cases", "weight", "split"
 }  # fmt: skip
 _SPLIT_KEYS = {"folds", "fold", "seed", "group_pattern", "val"}
-_TOP_KEYS = {"datasets", "model", "split", "train"}
+_TOP_KEYS = {"datasets", "model", "split", "train", "run"}  # run: what a run folder's config.yaml records
 
 
 def _expect(value: Any, types: type | tuple[type, ...], where: str) -> Any:
@@ -401,6 +401,38 @@ def parse_experiment(values: Any, base_dir: str | Path = ".", source: str | None
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     return ExperimentConfig(datasets=parsed, model=model, split=split, train=train, source=source)
+
+
+def experiment_to_dict(experiment: ExperimentConfig) -> dict[str, Any]:
+    """The experiment as a YAML-ready mapping that :func:`parse_experiment` reads back to the same
+    experiment (dataset paths absolute, training settings resolved)."""
+
+    def split_dict(split: SplitConfig) -> dict[str, Any]:
+        values = dataclasses.asdict(split)
+        if split.val is not None:
+            values["val"] = list(split.val)
+        return {k: v for k, v in values.items() if v is not None}
+
+    datasets = []
+    for d in experiment.datasets:
+        entry: dict[str, Any] = {"path": d.path}
+        for key in ("modality", "name", "normalization", "label_map", "max_cases"):
+            if getattr(d, key) is not None:
+                entry[key] = getattr(d, key)
+        if d.cases is not None:
+            entry["cases"] = list(d.cases)
+        if not d.labeled:
+            entry["labels"] = "none"
+        entry["weight"] = d.weight
+        if d.split != experiment.split:
+            entry["split"] = split_dict(d.split)
+        datasets.append(entry)
+    return {
+        "model": {"preset": experiment.preset, **experiment.model_overrides},
+        "split": split_dict(experiment.split),
+        "train": dataclasses.asdict(experiment.training),
+        "datasets": datasets,
+    }
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, ExperimentConfig
+from ..config import ConfigError, ExperimentConfig, experiment_to_dict
 from ..data.loader import SliceCache
 from ..files import write_text
 from ..model.presets import create_model, preset_config
@@ -97,14 +97,8 @@ def inference_metadata(cache: SliceCache, model: M4oEUNet, phase: str, train: di
 
 
 def write_run_config(out: Path, experiment: ExperimentConfig, extra: dict[str, Any]) -> None:
-    """The resolved config of a run, next to its results."""
+    """The resolved config of a run, next to its results: ``m4oe train RUN/config.yaml`` reruns it
+    (``run:`` records the phase, cache and the like, and is ignored when read)."""
     out.mkdir(parents=True, exist_ok=True)
-    resolved = {
-        "model": {"preset": experiment.preset, **experiment.model_overrides},
-        "train": experiment.training.__dict__,
-        "datasets": [
-            {k: v for k, v in d.__dict__.items() if v is not None and k != "split"} for d in experiment.datasets
-        ],
-        **extra,
-    }
+    resolved = {**experiment_to_dict(experiment), "run": extra}
     write_text(out / "config.yaml", yaml.safe_dump(json.loads(json.dumps(resolved, default=list)), sort_keys=False))
