@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..model.head import class_argmax
+
 SMOOTH = 1e-5
 
 
@@ -29,7 +31,7 @@ def soft_dice_per_sample(probs: Tensor, target: Tensor, classes: Tensor) -> Tens
         classes: ``[B, K]`` bool, the classes each sample's dataset has (background included).
     """
     one_hot = _one_hot(target, probs.shape[1]).to(probs.dtype)
-    predicted = _one_hot(probs.detach().argmax(1), probs.shape[1]).amax(dim=(2, 3))  # [B, K]
+    predicted = _one_hot(class_argmax(probs.detach()), probs.shape[1]).amax(dim=(2, 3))  # [B, K]
     dims = (2, 3)
     intersection = (probs * one_hot).sum(dims)
     denominator = probs.sum(dims) + one_hot.sum(dims)
