@@ -183,12 +183,13 @@ class MoEMLP(nn.Module):
         expert = modality[order]
         # token offsets where each expert's rows end, computed on the device (no read-back)
         ends = (torch.cumsum(one_hot.sum(0), 0) * L).to(torch.int32)
-        tokens = x[order].reshape(B * L, C).to(dtype)
+        # index_select, not x[order]: its backward adds rows instead of a sorting index_put
+        tokens = x.index_select(0, order).reshape(B * L, C).to(dtype)
         hidden = torch._grouped_mm(tokens, self.w1.transpose(1, 2).to(dtype), offs=ends)
-        hidden = F.gelu(hidden.view(B, L, -1) + self.b1[expert, None].to(dtype))
+        hidden = F.gelu(hidden.view(B, L, -1) + self.b1.index_select(0, expert)[:, None].to(dtype))
         out = torch._grouped_mm(hidden.view(B * L, -1), self.w2.transpose(1, 2).to(dtype), offs=ends)
-        out = out.view(B, L, C) + self.b2[expert, None].to(dtype)
-        return out[torch.argsort(order)]
+        out = out.view(B, L, C) + self.b2.index_select(0, expert)[:, None].to(dtype)
+        return out.index_select(0, torch.argsort(order))
 
     @torch.no_grad()
     def load_dense(self, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor) -> None:
