@@ -50,8 +50,8 @@ class Predictor:
         keep_largest: keep only the largest connected component of every class.
         routing: override the model's routing (``hard`` runs one expert per sample: faster).
         precision: ``fp32``, ``bf16`` (weights and activations) or ``auto``: bf16 on a GPU and on a
-            CPU with bf16 matrix instructions (AVX512-BF16 or AMX; about 3x faster than fp32 there),
-            fp32 elsewhere.
+            CPU with bf16 matrix instructions (AVX512-BF16 or AMX; the model runs about 3x faster
+            than in fp32 there), fp32 elsewhere. The model is moved and cast in place.
     """
 
     def __init__(
