@@ -19,16 +19,14 @@ import numpy as np
 
 from m4oe import load_bundle
 from m4oe.data.io import read_volume
+from m4oe.eval.metrics import nanmean
 from m4oe.infer.predict import Predictor
+from m4oe.train.validate import volume_dice
 
 
 def dice(pred: np.ndarray, ref: np.ndarray, values: list[int]) -> float:
-    scores = []
-    for v in values:
-        p, r = pred == v, ref == v
-        if p.any() or r.any():
-            scores.append(2 * np.logical_and(p, r).sum() / (p.sum() + r.sum()))
-    return float(np.mean(scores)) if scores else float("nan")
+    """Mean Dice over the label values present in either map."""
+    return nanmean(volume_dice(pred, ref, values).values())
 
 
 def main() -> None:

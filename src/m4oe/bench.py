@@ -22,6 +22,8 @@ from .model.moe import MoEMLP
 from .model.presets import create_model, forward_flops
 from .model.swin import WindowAttention, set_attention_kernel
 
+HARD_KERNELS = ("grouped", "onehot", "auto")  # hard routing of mixed batches; auto: the device's default
+
 
 @dataclass
 class BenchConfig:
@@ -85,7 +87,7 @@ def bench_model(cfg: BenchConfig) -> dict[str, Any]:
         MoEMLP.grouped_devices = grouped | {device}
     elif cfg.hard_kernel == "onehot":
         MoEMLP.grouped_devices = grouped - {device}
-    elif cfg.hard_kernel != "auto":
+    elif cfg.hard_kernel not in HARD_KERNELS:
         raise ValueError(f"hard kernel must be grouped, onehot or auto, got {cfg.hard_kernel!r}")
     try:
         result = _bench_model(cfg)

@@ -355,8 +355,9 @@ def bench(
     """Training/inference slices/s, peak memory, TFLOP/s; fused M4oE layer vs loop reference."""
     from dataclasses import replace
 
-    from .bench import BenchConfig, bench_model, bench_moe_layer, environment
+    from .bench import HARD_KERNELS, BenchConfig, bench_model, bench_moe_layer, environment
     from .files import write_json
+    from .model.swin import ATTENTION_KERNELS
 
     base = BenchConfig(batch=batch, infer_batch=infer_batch, compile=compile, compile_mode=compile_mode,
                        experts=experts, steps=steps,
@@ -367,8 +368,8 @@ def bench(
     if quick:
         base = replace(base, batch=4, infer_batch=4, steps=2, warmup=1)
         preset = "tiny"
-    for name, values, allowed in (("attention kernel", attention, ("sdpa", "explicit")),
-                                  ("hard kernel", hard_kernel, ("grouped", "onehot", "auto"))):  # fmt: skip
+    for name, values, allowed in (("attention kernel", attention, ATTENTION_KERNELS),
+                                  ("hard kernel", hard_kernel, HARD_KERNELS)):  # fmt: skip
         unknown = [v for v in _split(values) if v not in allowed]
         if unknown:
             _fail(ValueError(f"{name} must be one of {', '.join(allowed)}, got {', '.join(unknown)}"))

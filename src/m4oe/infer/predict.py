@@ -132,10 +132,10 @@ class Predictor:
         labels = np.zeros(volume.array.shape, dtype=np.uint8 if few else np.int16)
         probs_out = np.zeros((len(class_index), *volume.array.shape), np.float16) if probabilities else None
         gate_sum, gate_count = None, 0
+        modality = request["modality"]  # one int for the whole batch: fast hard routing
         for start in range(0, Z, self.batch_size):
             batch = slices[start : start + self.batch_size].unsqueeze(1).to(self.device, self.dtype)
             b = batch.shape[0]
-            modality = request["modality"]  # one int for the whole batch: fast hard routing
             dataset = None
             if request["dataset"] is not None:
                 dataset = torch.full((b,), request["dataset"], dtype=torch.long, device=self.device)

@@ -62,9 +62,12 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+ATTENTION_KERNELS = ("sdpa", "explicit")
+
+
 def set_attention_kernel(kernel: str) -> None:
     """``sdpa`` (PyTorch's fused attention, the default) or ``explicit`` (matmul + softmax; a benchmark A/B)."""
-    if kernel not in ("sdpa", "explicit"):
+    if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be sdpa or explicit, got {kernel!r}")
     WindowAttention.kernel = kernel
 

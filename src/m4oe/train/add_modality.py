@@ -36,7 +36,7 @@ from ..model.unet import M4oEUNet
 from .common import ensure_cache, experiment_datasets, write_run_config
 from .finetune import SegmentationTask
 from .loop import History, fit, setup_runtime
-from .pretrain import pretrain_mask
+from .pretrain import batch_mask, pretrain_mask
 
 NEW_GATE_BIAS = -4.0  # the new expert starts with a small share of every old token (e^-4 ~ 2%)
 
@@ -226,8 +226,7 @@ class NewExpertMAETask:
         self.expert = model.num_experts - 1
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module):
-        mask = self.module.random_mask(batch["image"].shape[0]).to(batch["image"].device)
-        loss, _ = module(batch["image"], self.expert, mask)
+        loss, _ = module(batch["image"], self.expert, batch_mask(self.module, batch["image"]))
         return loss, {}
 
     def validate(self, autocast) -> None:

@@ -55,7 +55,7 @@ def _reuse_as_is(experiment: ExperimentConfig, cache_dir: Path) -> bool:
     if not meta.get("complete"):
         return False
     held = {d["name"] for d in meta["datasets"]}
-    wanted = {d.name or Path(d.path).name for d in experiment.datasets}
+    wanted = _dataset_names(experiment)
     if not wanted <= held:
         return False
     return wanted != held or not all(Path(d.path).is_dir() for d in experiment.datasets)
@@ -63,8 +63,12 @@ def _reuse_as_is(experiment: ExperimentConfig, cache_dir: Path) -> bool:
 
 def experiment_datasets(experiment: ExperimentConfig, cache: SliceCache) -> list[str]:
     """The cache's datasets that the config names, in cache order."""
-    wanted = {d.name or Path(d.path).name for d in experiment.datasets}
+    wanted = _dataset_names(experiment)
     return [n for n in cache.dataset_names if n in wanted]
+
+
+def _dataset_names(experiment: ExperimentConfig) -> set[str]:
+    return {d.name or Path(d.path).name for d in experiment.datasets}
 
 
 def model_for(experiment: ExperimentConfig, cache: SliceCache, datasets: list[str] | None = None) -> M4oEUNet:

@@ -28,9 +28,7 @@ class PretrainTask:
         freeze_unused_gates(model, "hard")
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
-        # masks come from the global CPU generator, whose state the checkpoints keep
-        mask = self.module.random_mask(batch["image"].shape[0]).to(batch["image"].device, non_blocking=True)
-        loss, _ = module(batch["image"], batch["modality"], mask)
+        loss, _ = module(batch["image"], batch["modality"], batch_mask(self.module, batch["image"]))
         return loss, {}
 
     def validate(self, autocast) -> dict | None:
@@ -38,6 +36,12 @@ class PretrainTask:
 
     def bundle_extra(self) -> dict[str, Any]:
         return inference_metadata(self.cache, self.model, "pretrain", {})
+
+
+def batch_mask(mae: MAEPretrainer, image: Tensor) -> Tensor:
+    """MAE mask of a batch, drawn from the global CPU generator (whose state the checkpoints keep)
+    and copied to the batch's device without waiting for it."""
+    return mae.random_mask(image.shape[0]).to(image.device, non_blocking=True)
 
 
 def pretrain_mask(cache: SliceCache) -> np.ndarray:
