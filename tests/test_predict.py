@@ -13,6 +13,7 @@ from m4oe.cli import app
 from m4oe.config import ModelConfig
 from m4oe.data.io import Geometry
 from m4oe.infer.predict import (
+    CPU_BATCH,
     PredictError,
     Predictor,
     collect_inputs,
@@ -193,3 +194,25 @@ def test_cli_predict_rejects_unknown_precision(tmp_path):
     result = CliRunner().invoke(app, [*args, "--dataset", "phantom", "--precision", "fp16"])
     assert result.exit_code == 1 and "precision must be one of" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_size_default_and_independence(tmp_path):
+    """The CPU default batch, a bad batch size, and the same labels whatever the batch."""
+    assert Predictor(threshold_model(), "cpu").batch_size == CPU_BATCH
+    with pytest.raises(PredictError, match="batch size must be at least 1, got 0"):
+        Predictor(threshold_model(), "cpu", batch_size=0)
+    torch.manual_seed(0)
+    model = create_model("tiny", modalities=["CT"], label_sets={"phantom": LABELS}, **MICRO)
+    with torch.no_grad():
+        model.head.proj.weight.mul_(5)
+    model.bundle_extra = EXTRA
+    volume = np.random.default_rng(0).normal(0.5, 0.3, (11, 40, 30)).astype(np.float32)
+    path = write_image(tmp_path / "in" / "a_0000.nii.gz", volume)
+    labels = {}
+    for batch in (1, 4, 16):
+        predict_paths(Predictor(model, "cpu", batch, precision="fp32"), [path], tmp_path / str(batch),
+                      dataset="phantom", progress=False)  # fmt: skip
+        labels[batch] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / str(batch) / "a.nii.gz")))
+    assert len(np.unique(labels[1])) > 1  # a map with more than one class, so the comparison means something
+    for batch in (4, 16):  # equal up to float rounding at a near-tie, which other CPUs' kernels may round differently
+        assert (labels[batch] == labels[1]).mean() >= 0.999
