@@ -1,6 +1,6 @@
 """End-to-end `m4oe predict` time for a 512 x 512 x 100 CT volume with `m4oe-t`: soft vs hard routing, fp32 vs bf16.
 
-    python benchmarks/predict_cpu.py [--slices 100] [--preset m4oe-t] [--workdir /tmp/m4oe_predict_bench]
+    python benchmarks/predict_cpu.py [--slices 100] [--preset m4oe-t] [--repeats 3] [--batch-size 8]
 
 The bundle has random weights (speed does not depend on them) and the CT statistics of an 8-bit CT
 dataset; the volume is a synthetic phantom in Hounsfield-like units. Each routing mode and precision
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -21,6 +23,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from m4oe import create_model, save_bundle
+from m4oe.infer.predict import cpu_has_bf16
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -28,7 +38,11 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--preset", default="m4oe-t")
     parser.add_argument("--workdir", default="/tmp/m4oe_predict_bench")
+    parser.add_argument("--precisions", default=None, help="fp32,bf16 (default: bf16 only where the CPU has it)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each routing (medians are compared)")
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per forward (default: m4oe predict's)")
     args = parser.parse_args()
+    precisions = args.precisions.split(",") if args.precisions else ["fp32"] + (["bf16"] if cpu_has_bf16() else [])
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -45,22 +59,28 @@ def main() -> None:
     extra = {"datasets": {"BTCV": {"modality": "CT", "normalization": stats,
                                    "label_values": {n: i for i, n in enumerate(labels)}}}}  # fmt: skip
     save_bundle(model, work / "bundle", extra=extra)
-    results = {"preset": args.preset, "shape": [512, 512, args.slices]}
-    for precision in ("fp32", "bf16"):
-        for routing in ("soft", "hard"):
-            command = [sys.executable, "-m", "m4oe.cli", "predict", "-m", str(work / "bundle"), "-i",
-                       str(work / "ct_0000.nii.gz"), "-o", str(work / f"out_{routing}_{precision}"), "--dataset",
-                       "BTCV", "--modality", "CT", "--routing", routing, "--precision", precision,
-                       "--device", "cpu"]  # fmt: skip
-            started = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True)
-            key = f"{routing}_{precision}_seconds"
-            results[key] = round(time.perf_counter() - started, 1)
-            print(f"{routing:>4} routing, {precision}: {results[key]:6.1f} s end to end")
-        results[f"hard_speedup_{precision}"] = round(
-            results[f"soft_{precision}_seconds"] / results[f"hard_{precision}_seconds"], 2
-        )
-        print(f"{precision}: hard routing is {results[f'hard_speedup_{precision}']}x faster than soft")
+    results = {"preset": args.preset, "shape": [512, 512, args.slices], "cpu": cpu_name(),
+               "cpu_has_bf16": cpu_has_bf16(), "cores": os.cpu_count(), "batch_size": args.batch_size}  # fmt: skip
+    for precision in precisions:
+        runs = {"soft": [], "hard": []}
+        for _ in range(args.repeats):  # routings alternate, so a slow spell of the machine hits both
+            for routing in runs:
+                command = [sys.executable, "-m", "m4oe.cli", "predict", "-m", str(work / "bundle"), "-i",
+                           str(work / "ct_0000.nii.gz"), "-o", str(work / f"out_{routing}_{precision}"), "--dataset",
+                           "BTCV", "--modality", "CT", "--routing", routing, "--precision", precision,
+                           "--device", "cpu"]  # fmt: skip
+                if args.batch_size:
+                    command += ["--batch-size", str(args.batch_size)]
+                started = time.perf_counter()
+                subprocess.run(command, check=True, capture_output=True)
+                runs[routing].append(round(time.perf_counter() - started, 1))
+                print(f"{routing:>4} routing, {precision}: {runs[routing][-1]:6.1f} s end to end")
+        for routing, seconds in runs.items():
+            results[f"{routing}_{precision}_seconds"] = seconds
+            results[f"{routing}_{precision}_median"] = float(np.median(seconds))
+        speedup = round(results[f"soft_{precision}_median"] / results[f"hard_{precision}_median"], 2)
+        results[f"hard_speedup_{precision}"] = speedup
+        print(f"{precision}: hard routing is {speedup}x faster than soft (medians)")
     print(json.dumps(results))
 
 
