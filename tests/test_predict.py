@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -12,6 +14,7 @@ from m4oe import create_model, load_bundle, save_bundle
 from m4oe.cli import app
 from m4oe.config import ModelConfig
 from m4oe.data.io import Geometry
+from m4oe.infer import predict
 from m4oe.infer.predict import (
     CPU_BATCH,
     PredictError,
@@ -216,3 +219,37 @@ def test_batch_size_default_and_independence(tmp_path):
     assert len(np.unique(labels[1])) > 1  # a map with more than one class, so the comparison means something
     for batch in (4, 16):  # equal up to float rounding at a near-tie, which other CPUs' kernels may round differently
         assert (labels[batch] == labels[1]).mean() >= 0.999
+
+
+def test_folder_pipeline_reads_ahead_writes_behind_and_reports_in_order(tmp_path, monkeypatch):
+    """Volumes are read on a background thread at most one ahead; a write failure is that file's alone."""
+    names = ["a", "b", "c", "d", "e"]
+    inputs = [write_image(tmp_path / "in" / f"{n}_0000.nii.gz", l_shape()) for n in names]
+    (tmp_path / "out" / "c.nii.gz").mkdir(parents=True)  # c's result cannot be written: a folder is in the way
+    events, lock = [], threading.Lock()
+    real_read, real_predict = predict.read_volume, Predictor.predict_volume
+
+    def read(path):
+        with lock:
+            events.append(("read", path.name[0], threading.current_thread().name))
+        return real_read(path)
+
+    def predict_volume(self, volume, *args):
+        with lock:
+            events.append(("predict", None, threading.current_thread().name))
+        return real_predict(self, volume, *args)
+
+    monkeypatch.setattr(predict, "read_volume", read)
+    monkeypatch.setattr(Predictor, "predict_volume", predict_volume)
+    report = predict_paths(Predictor(threshold_model()), inputs, tmp_path / "out", dataset="phantom", progress=False)
+    assert [p.name for p in report.written] == ["a.nii.gz", "b.nii.gz", "d.nii.gz", "e.nii.gz"]
+    assert [(p.name, "c.nii.gz" in why) for p, why in report.failed] == [("c_0000.nii.gz", True)]
+    reads = [e for e in events if e[0] == "read"]
+    assert [e[1] for e in reads] == names and all(e[2].startswith("m4oe-read") for e in reads)
+    assert all(e[2] == threading.main_thread().name for e in events if e[0] == "predict")
+    for k in range(len(names)):  # volume k + 2 is not read before volume k has been predicted
+        predicted = [i for i, e in enumerate(events) if e[0] == "predict"][k]
+        if k + 2 < len(names):
+            assert events.index(("read", names[k + 2], reads[k + 2][2])) > predicted
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "e.nii.gz")))
+    assert ((labels == 6) == (l_shape() > 0.5)).mean() > 0.985  # the last result is the last volume's

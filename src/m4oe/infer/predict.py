@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,34 +259,65 @@ def predict_paths(
     probabilities: bool = False,
     progress: bool = True,
 ) -> PredictReport:
-    """Predict every input; a file that fails is reported and skipped, the others are written."""
+    """Predict every input; a file that fails is reported and skipped, the others are written.
+
+    Reading (and checking) the next volume and writing the previous result run on two background
+    threads while the model predicts the current volume, so that a folder of scans is not bound by
+    file I/O (on a GPU the model is the small part). At most one volume is read ahead and one result
+    waits to be written, so memory stays that of about three volumes.
+    """
     from tqdm.auto import tqdm
 
     predictor.resolve(dataset, modality)  # a bad request fails before any file is read
     out_dir = Path(out_dir)
+    outcomes: list[str | tuple[Future, dict]] = []  # per input: why it failed, or (its write, expert weights)
+    with ThreadPoolExecutor(1, "m4oe-read") as reader, ThreadPoolExecutor(1, "m4oe-write") as writer:
+        loading = reader.submit(_load, inputs[0]) if inputs else None
+        for i, path in enumerate(tqdm(inputs, desc="predicting", unit="volume", disable=None if progress else True)):
+            current, loading = loading, reader.submit(_load, inputs[i + 1]) if i + 1 < len(inputs) else None
+            try:
+                volume = current.result()
+                result = predictor.predict_volume(volume, dataset, modality, probabilities)
+            except PREDICT_FAILURES as err:
+                outcomes.append(str(err))
+                continue
+            writes = [o[0] for o in outcomes if not isinstance(o, str)]
+            wait(writes[-1:])  # one result waits behind the one being written, no more
+            outcomes.append((writer.submit(_write, out_dir / output_name(path), volume, result), result.expert_weights))
     report = PredictReport()
-    for path in tqdm(inputs, desc="predicting", unit="volume", disable=None if progress else True):
+    for path, outcome in zip(inputs, outcomes, strict=True):
+        if isinstance(outcome, str):
+            report.failed.append((path, outcome))
+            continue
         try:
-            problems = check_file(path) if path.is_file() else []
-            if problems:
-                raise ImageReadError("; ".join(problems))
-            volume = read_volume(path)
-            result = predictor.predict_volume(volume, dataset, modality, probabilities)
-            target = out_dir / output_name(path)
-            dtype = np.uint8 if max(result.label_values) < 256 else np.uint16
-            write_volume(result.labels.astype(dtype), volume.geometry, target, volume.orientation)
-            if result.probabilities is not None:
-                _save_npz(
-                    out_dir / target.name.replace(".nii.gz", "_probabilities.npz"),
-                    probabilities=result.probabilities,  # canonical (LPS) [class, z, y, x]
-                    classes=np.array(result.class_names),
-                    label_values=np.array(result.label_values),
-                )
-            report.written.append(target)
-            report.experts[str(path)] = result.expert_weights
-        except (ImageReadError, ValueError, RuntimeError, OSError) as err:
+            report.written.append(outcome[0].result())
+            report.experts[str(path)] = outcome[1]
+        except PREDICT_FAILURES as err:
             report.failed.append((path, str(err)))
     return report
+
+
+PREDICT_FAILURES = (ImageReadError, ValueError, RuntimeError, OSError)  # reported per file; other errors stop
+
+
+def _load(path: Path) -> Volume:
+    problems = check_file(path) if path.is_file() else []
+    if problems:
+        raise ImageReadError("; ".join(problems))
+    return read_volume(path)
+
+
+def _write(target: Path, volume: Volume, result: Prediction) -> Path:
+    dtype = np.uint8 if max(result.label_values) < 256 else np.uint16
+    write_volume(result.labels.astype(dtype), volume.geometry, target, volume.orientation)
+    if result.probabilities is not None:
+        _save_npz(
+            target.with_name(target.name.replace(".nii.gz", "_probabilities.npz")),
+            probabilities=result.probabilities,  # canonical (LPS) [class, z, y, x]
+            classes=np.array(result.class_names),
+            label_values=np.array(result.label_values),
+        )
+    return target
 
 
 def _save_npz(path: Path, **arrays) -> None:
