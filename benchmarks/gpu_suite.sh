@@ -10,7 +10,7 @@ set -u
 OUT=${1:-/tmp/m4oe_gpu}
 BUDGET=${2:-540}
 QUICK=${QUICK:-0}
-STEPS=${STEPS:-"eager_bf16 eager_hard eager_fp32 profile compiled_soft compiled_infer train_loop loader"}
+STEPS=${STEPS:-"eager_bf16 eager_hard eager_fp32 profile compiled_soft compiled_infer train_loop predict_volume loader"}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -19,9 +19,11 @@ if [ "$QUICK" = 1 ]; then
   M=tiny; LITE=tiny; DENSE=tiny; EXTRA="--batch 4 --infer-batch 4 --steps 2 --warmup 1 --device cpu"
   PROFILE="--batch 4 --device cpu"; LOADER="--synthetic 300 --device cpu"
   LOOP="--preset tiny --batch 4 --steps 3 --workers 0 --device cpu"
+  VOLUME="--preset tiny --slices 4 --size 64 --device cpu"
 else
   M=m4oe-t; LITE=m4oe-t-lite; DENSE=swin-unet; EXTRA=""; PROFILE=""; LOADER="--synthetic 4000"
   LOOP="--preset m4oe-t --batch 36 --steps 150 --workers 8"
+  VOLUME="--preset m4oe-t --slices 100 --size 512"
 fi
 BENCH="python -m m4oe.cli bench --peak-tflops $PEAK $EXTRA"
 
@@ -52,5 +54,7 @@ step ab_hard 200 $BENCH --preset $M --routing hard --precision bf16 --compile --
 step cudagraphs 200 $BENCH --preset $M --precision bf16 --compile --compile-mode reduce-overhead --pure-bf16 --json "$OUT/cudagraphs.json"
 # the whole m4oe train step (loader, augmentation, loss, AdamW, compile), not just the model
 step train_loop 240 python benchmarks/train_loop.py $LOOP
+# one 512 x 512 x 100 CT segmented in memory (m4oe predict without the file I/O), batch 16 and 64
+step predict_volume 90 bash -c "python benchmarks/predict_volume.py $VOLUME && python benchmarks/predict_volume.py $VOLUME --batch-size 64"
 step loader 60 python benchmarks/loader.py $LOADER --workers 8 --batch 36 --batches 40
 echo "total $(( $(date +%s) - START ))s"

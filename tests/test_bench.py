@@ -82,3 +82,28 @@ def test_bench_hard_kernel_ab_records_the_kernel_used(tmp_path):
     assert all(r["train_slices_per_s"] > 0 for r in rows)
     bad = CliRunner().invoke(app, ["bench", "--quick", "--device", "cpu", "--routing", "hard", "--hard-kernel", "x"])
     assert bad.exit_code == 1 and "hard kernel must be one of grouped, onehot, auto, got x" in bad.output
+
+
+def test_predict_volume_benchmark_quick():
+    """benchmarks/predict_volume.py segments a synthetic scan in memory, per routing, without image-IO imports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "predict_volume.py"
+    argv = [str(script), "--preset", "tiny", "--slices", "5", "--size", "48", "--device", "cpu", "--repeats", "1"]
+    run = (
+        f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('SimpleITK', 'nibabel')))"
+    )
+    command = [sys.executable, "-c", run]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    *lines, last = done.stdout.strip().splitlines()
+    assert last == "[]"  # runs where SimpleITK and nibabel are not installed (the GPU machine)
+    result = json.loads(lines[-1])
+    assert result["shape"] == [48, 48, 5]
+    assert [(r["routing"], r["device"], r["batch"]) for r in result["rows"]] == [("soft", "cpu", 8), ("hard", "cpu", 8)]
+    for row in result["rows"]:
+        assert row["seconds"] > 0 and row["model_seconds"] > 0
+        assert abs(row["slices_per_s"] - 5 / row["seconds"]) <= 0.1 + 0.01 * row["slices_per_s"]

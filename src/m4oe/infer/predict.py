@@ -22,6 +22,7 @@ from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, read_v
 from ..data.normalize import normalize
 from ..data.resample import SlicePlan, fit_slices, unfit_logits
 from ..files import atomic_write
+from ..memory import keep_freed_memory
 from ..model.head import class_argmax
 from ..model.unet import M4oEUNet
 
@@ -56,6 +57,9 @@ class Predictor:
         precision: ``fp32``, ``bf16`` (weights and activations) or ``auto``: bf16 on a GPU and on a
             CPU with bf16 matrix instructions (AVX512-BF16 or AMX; the model runs about 3x faster
             than in fp32 there), fp32 elsewhere. The model is moved and cast in place.
+
+    On the CPU it sets two process-wide things: PyTorch's thread count (all cores) and glibc's
+    allocator thresholds (:func:`m4oe.memory.keep_freed_memory`).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class Predictor:
         self.datasets = getattr(model, "bundle_extra", {}).get("datasets", {})
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
+            keep_freed_memory()  # process-wide, like the thread count: activations are reused, not faulted in
 
     def resolve(self, dataset: str | None, modality: str | None) -> dict:
         """Dataset index, modality index, normalisation and output classes of a request."""
