@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,17 @@ def load_bundle(directory: str | os.PathLike, map_location: str | torch.device =
     weights = directory / config["weights"]["file"]
     if not weights.is_file():
         raise BundleError(f"{weights}: weights file missing")
-    if _sha256(weights) != config["weights"]["sha256"]:
-        raise BundleError(f"{weights}: checksum does not match {directory / CONFIG} (corrupted or replaced file)")
-    try:
-        model_config = ModelConfig.from_dict(config["model_config"])
-        model = M4oEUNet(model_config, config["modalities"], config["label_sets"])
-    except (ConfigError, ValueError, TypeError) as err:
-        raise BundleError(f"{directory / CONFIG}: cannot build the model: {err}") from err
+    with ThreadPoolExecutor(1, "m4oe-sha256") as pool:
+        digest = pool.submit(_sha256, weights)  # hashed while the model is built (hashlib releases the GIL)
+        try:
+            model = M4oEUNet(ModelConfig.from_dict(config["model_config"]), config["modalities"], config["label_sets"])
+            build_error = None
+        except (ConfigError, ValueError, TypeError) as err:
+            build_error = err
+        if digest.result() != config["weights"]["sha256"]:
+            raise BundleError(f"{weights}: checksum does not match {directory / CONFIG} (corrupted or replaced file)")
+    if build_error is not None:
+        raise BundleError(f"{directory / CONFIG}: cannot build the model: {build_error}") from build_error
     if model.class_names != config["class_names"]:
         raise BundleError(
             f"{directory / CONFIG}: class_names {config['class_names']} do not match the label sets "

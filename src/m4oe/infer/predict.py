@@ -306,10 +306,19 @@ PREDICT_FAILURES = (ImageReadError, ValueError, RuntimeError, OSError)  # report
 
 
 def _load(path: Path) -> Volume:
-    problems = check_file(path) if path.is_file() else []
-    if problems:
-        raise ImageReadError("; ".join(problems))
-    return read_volume(path)
+    if not path.is_file():  # a DICOM series folder: nothing for check_file to check
+        return read_volume(path)
+    with ThreadPoolExecutor(1, "m4oe-check") as pool:
+        problems = pool.submit(check_file, path)  # nibabel's pass over the file, beside SimpleITK's
+        try:
+            volume, read_error = read_volume(path), None
+        except PREDICT_FAILURES as err:
+            volume, read_error = None, err
+        if problems.result():  # its message is the more precise one (truncation, NaN)
+            raise ImageReadError("; ".join(problems.result()))
+    if read_error is not None:
+        raise read_error
+    return volume
 
 
 def _write(target: Path, volume: Volume, result: Prediction) -> Path:
