@@ -77,3 +77,19 @@ def test_class_names_must_match_label_sets(micro_model, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="class_names"):
         load_bundle(tmp_path)
+
+
+def test_unbuildable_config_is_reported_after_the_checksum(micro_model, tmp_path):
+    """The model is built while the weights are hashed; a bad file is still named before a bad config."""
+    save_bundle(micro_model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_config"]["embed_dim"] = -8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="config.json: cannot build the model"):
+        load_bundle(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.safetensors: checksum"):
+        load_bundle(tmp_path)

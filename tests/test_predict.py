@@ -221,6 +221,19 @@ def test_batch_size_default_and_independence(tmp_path):
         assert (labels[batch] == labels[1]).mean() >= 0.999
 
 
+def test_nan_image_is_reported_by_the_check_beside_the_read(tmp_path):
+    """nibabel's check runs on its own thread next to SimpleITK's read; its finding still stops the file."""
+    good = write_image(tmp_path / "in" / "a_0000.nii.gz", l_shape())
+    image = l_shape()
+    image[2, 10, 10] = np.nan
+    bad = write_image(tmp_path / "in" / "b_0000.nii.gz", image)
+    report = predict_paths(Predictor(threshold_model()), [good, bad], tmp_path / "out", dataset="phantom",
+                           progress=False)  # fmt: skip
+    assert [p.name for p in report.written] == ["a.nii.gz"]
+    assert [(p, "b_0000.nii.gz: 1 NaN/Inf voxels" in why) for p, why in report.failed] == [(bad, True)]
+    assert not (tmp_path / "out" / "b.nii.gz").exists()
+
+
 def test_folder_pipeline_reads_ahead_writes_behind_and_reports_in_order(tmp_path, monkeypatch):
     """Volumes are read on a background thread at most one ahead; a write failure is that file's alone."""
     names = ["a", "b", "c", "d", "e"]
