@@ -278,6 +278,7 @@ def predict_paths(
     outcomes: list[str | tuple[Future, dict]] = []  # per input: why it failed, or (its write, expert weights)
     with ThreadPoolExecutor(1, "m4oe-read") as reader, ThreadPoolExecutor(1, "m4oe-write") as writer:
         loading = reader.submit(_load, inputs[0]) if inputs else None
+        writing = None
         for i, path in enumerate(tqdm(inputs, desc="predicting", unit="volume", disable=None if progress else True)):
             current, loading = loading, reader.submit(_load, inputs[i + 1]) if i + 1 < len(inputs) else None
             try:
@@ -286,9 +287,10 @@ def predict_paths(
             except PREDICT_FAILURES as err:
                 outcomes.append(str(err))
                 continue
-            writes = [o[0] for o in outcomes if not isinstance(o, str)]
-            wait(writes[-1:])  # one result waits behind the one being written, no more
-            outcomes.append((writer.submit(_write, out_dir / output_name(path), volume, result), result.expert_weights))
+            if writing is not None:
+                wait([writing])  # one result waits behind the one being written, no more
+            writing = writer.submit(_write, out_dir / output_name(path), volume, result)
+            outcomes.append((writing, result.expert_weights))
     report = PredictReport()
     for path, outcome in zip(inputs, outcomes, strict=True):
         if isinstance(outcome, str):
