@@ -5,20 +5,22 @@ import platform
 import subprocess
 import sys
 
-# Allocate a 64 MiB tensor (as a forward's activations are), touch it, free it; then count the page
-# faults of doing it a second time.
+# A forward's pattern: a few large activations allocated, touched and freed, again and again. Count
+# the page faults of five such rounds after a first one.
 PROBE = """
 import json, resource, sys
 import torch
 from m4oe.memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
-def touch():
-    block = torch.empty(64 << 20, dtype=torch.uint8)
-    block.fill_(1)
-    del block
-touch()
+def forward():
+    blocks = [torch.empty(n << 20, dtype=torch.uint8) for n in (48, 24, 12)]
+    for block in blocks:
+        block.fill_(1)
+    del blocks
+forward()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-touch()
+for _ in range(5):
+    forward()
 print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
 """
 
@@ -33,7 +35,10 @@ def test_freed_block_is_reused_without_page_faults():
     if platform.libc_ver()[0] != "glibc":  # macOS, musl: the setting does not exist, nothing is changed
         assert kept["applied"] is False
         return
-    pages = (64 << 20) // 4096
-    assert probe("default")["faults"] > pages // 2  # the reference: glibc unmapped the block and faults it in again
+    pages = 5 * (84 << 20) // 4096
+    default = probe("default")["faults"]
+    assert default > pages // 2  # the reference: glibc unmapped the blocks and faults them in again
     assert kept["applied"] is True
-    assert kept["faults"] < pages // 20
+    # Not zero: a freed block is reused only where a request fits in it after alignment padding (seen:
+    # 70-83k faults by default, 12-22k kept).
+    assert kept["faults"] < default // 2

@@ -5,7 +5,8 @@ kernel on ``free`` and maps fresh zeroed pages on the next ``malloc``. A model's
 exactly such blocks (a stage-1 hidden layer of ``m4oe-t`` at batch 16 is 231 MB in fp32), freed and
 allocated again every forward, so a CPU forward pays a page fault per 4 KiB of activations: on the
 2-core development machine half the time of a loop of ``m4oe-t`` forwards went to the kernel.
-Raising the mmap and trim thresholds keeps those pages in the heap to be reused. The process's
+Raising the mmap and trim thresholds keeps those pages in the heap to be reused (most of them: a
+freed block is reused where a new request fits in it). The process's
 resident memory then stays near its peak instead of shrinking between batches, and the peak grows
 a little (a batch-16 ``m4oe predict``: 2.5-2.6 GB -> 2.9-3.2 GB; 1.8-2.1 GB at the CPU default of 8).
 """
