@@ -2,8 +2,8 @@
 
     python benchmarks/predict_cpu.py [--slices 100] [--preset m4oe-t] [--repeats 3] [--batch-size 8]
 
-The bundle has random weights (speed does not depend on them) and the CT statistics of an 8-bit CT
-dataset; the volume is a synthetic phantom in Hounsfield-like units. Each routing mode and precision
+The bundle has random weights (speed does not depend on them) and CT statistics; the volume is
+`predict_volume.py`'s synthetic CT in Hounsfield-like units. Each routing mode and precision
 runs the real command line in a fresh process, so the time includes start-up, reading, resampling
 and writing. bf16 is only fast on CPUs with bf16 instructions (AVX512-BF16 or AMX).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from predict_volume import LABELS, STATS, synthetic_ct  # benchmarks/predict_volume.py
 
 from m4oe import create_model, save_bundle
+from m4oe.bench import cpu_name
 from m4oe.infer.predict import cpu_has_bf16
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -45,19 +39,13 @@ def main() -> None:
     precisions = args.precisions.split(",") if args.precisions else ["fp32"] + (["bf16"] if cpu_has_bf16() else [])
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    volume = rng.normal(40, 30, (args.slices, 512, 512)).astype(np.int16)
-    volume[:, :, :60] = -1000
-    image = sitk.GetImageFromArray(volume)
-    image.SetSpacing((0.8, 0.8, 2.5))
+    volume = synthetic_ct(args.slices, 512)
+    image = sitk.GetImageFromArray(volume.array)
+    image.SetSpacing(volume.geometry.spacing)
     sitk.WriteImage(image, str(work / "ct_0000.nii.gz"))
-    labels = ["background", "spleen", "right_kidney", "left_kidney", "gallbladder", "esophagus", "liver",
-              "stomach", "aorta", "inferior_vena_cava", "portal_and_splenic_vein", "pancreas",
-              "right_adrenal_gland", "left_adrenal_gland"]  # fmt: skip
-    model = create_model(args.preset, modalities=["CT", "MRI", "cineMRI"], label_sets={"BTCV": labels})
-    stats = {"scheme": "ct", "clip": [-125.0, 275.0], "mean": 60.0, "std": 50.0}
-    extra = {"datasets": {"BTCV": {"modality": "CT", "normalization": stats,
-                                   "label_values": {n: i for i, n in enumerate(labels)}}}}  # fmt: skip
+    model = create_model(args.preset, modalities=["CT", "MRI", "cineMRI"], label_sets={"BTCV": LABELS})
+    extra = {"datasets": {"BTCV": {"modality": "CT", "normalization": STATS,
+                                   "label_values": {n: i for i, n in enumerate(LABELS)}}}}  # fmt: skip
     save_bundle(model, work / "bundle", extra=extra)
     results = {"preset": args.preset, "shape": [512, 512, args.slices], "cpu": cpu_name(),
                "cpu_has_bf16": cpu_has_bf16(), "cores": os.cpu_count(), "batch_size": args.batch_size}  # fmt: skip

@@ -23,8 +23,6 @@ import torch
 
 from m4oe import create_model
 from m4oe.data.io import Geometry, Volume
-from m4oe.data.normalize import normalize
-from m4oe.data.resample import SlicePlan, fit_slices
 from m4oe.infer.predict import Predictor
 
 LABELS = ["background"] + [f"organ_{k}" for k in range(1, 14)]
@@ -32,6 +30,7 @@ STATS = {"scheme": "ct", "clip": [-125.0, 275.0], "mean": 60.0, "std": 50.0}
 
 
 def synthetic_ct(slices: int, size: int) -> Volume:
+    """A ``size x size x slices`` CT-like volume (int16, Hounsfield-like units), 0.8 x 0.8 x 2.5 mm."""
     array = np.random.default_rng(0).normal(40, 30, (slices, size, size)).astype(np.int16)
     array[:, :, : size // 8] = -1000  # air beside the body
     geometry = Geometry((0.8, 0.8, 2.5), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
@@ -54,10 +53,9 @@ def best_of(repeats: int, run, device: torch.device) -> float:
 def measure(predictor: Predictor, volume: Volume, repeats: int) -> dict:
     device, dtype, batch = predictor.device, predictor.dtype, predictor.batch_size
     shape = volume.array.shape
-    plan = SlicePlan.fit(shape[1:], volume.spacing_zyx[1:], predictor.model.config.img_size)
 
     def prepare():
-        return fit_slices(normalize(volume.array, STATS), plan)
+        return predictor.prepare(volume, STATS)[0]
 
     slices = prepare()
 

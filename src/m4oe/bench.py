@@ -13,6 +13,7 @@ import contextlib
 import platform
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -194,12 +195,21 @@ def bench_moe_layer(cfg: BenchConfig, tokens: int | None = None, dim: int = 96) 
             "speedup": round(t_ref / t_fast, 2)}  # fmt: skip
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: from /proc/cpuinfo), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict[str, str]:
     info = {"torch": torch.__version__, "python": platform.python_version(), "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     else:
-        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu"] = cpu_name()
         info["threads"] = str(torch.get_num_threads())
     return info
 

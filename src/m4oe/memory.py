@@ -14,7 +14,6 @@ a little (a batch-16 ``m4oe predict``: 2.5-2.6 GB -> 2.9-3.2 GB; 1.8-2.1 GB at t
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
@@ -40,10 +39,7 @@ def keep_freed_memory() -> bool:
 def _set_glibc_thresholds() -> bool:
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
+    libc = ctypes.CDLL(None)  # the symbols already loaded in this process, the C library's among them
     if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):  # musl has mallopt, ignoring it
         return False
     mallopt = libc.mallopt

@@ -130,14 +130,17 @@ class Predictor:
             "values": values,
         }
 
+    def prepare(self, volume: Volume, normalization: dict) -> tuple[torch.Tensor, SlicePlan]:
+        """The model input of a volume, ``[Z, size, size]`` on the host, and the plan to map results back."""
+        plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size)
+        return fit_slices(normalize(volume.array, normalization), plan), plan
+
     @torch.no_grad()
     def predict_volume(
         self, volume: Volume, dataset: str | None = None, modality: str | None = None, probabilities: bool = False
     ) -> Prediction:
         request = self.resolve(dataset, modality)
-        size = self.model.config.img_size
-        plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], size)
-        slices = fit_slices(normalize(volume.array, request["normalization"]), plan)
+        slices, plan = self.prepare(volume, request["normalization"])
         class_index = torch.tensor(request["class_index"], device=self.device)
         Z = slices.shape[0]
         few = len(class_index) <= 256  # class indices in one byte: a 100 x 512^2 map is 26 MB, not 210

@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.normalize import normalize
-from ..data.resample import SlicePlan, fit_slices
 from ..files import save_figure, write_csv, write_text
 from ..infer.predict import Predictor
 from ..model.head import class_argmax
@@ -24,8 +22,7 @@ def gate_maps(predictor: Predictor, volume, dataset: str | None, modality: str |
     """Per block: gates of every slice ``[Z, L, E]``; plus the fitted slices and their predictions."""
     request = predictor.resolve(dataset, modality)
     model, device = predictor.model, predictor.device
-    plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], model.config.img_size)
-    slices = fit_slices(normalize(volume.array, request["normalization"]), plan)
+    slices, _ = predictor.prepare(volume, request["normalization"])
     per_block: list[list[torch.Tensor]] = []
     preds = []
     for start in range(0, slices.shape[0], predictor.batch_size):
