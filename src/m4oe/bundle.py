@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import ConfigError, ModelConfig
 from .files import atomic_write
-from .model.unet import M4oEUNet
+from .model.base import SegmentationModel
+from .model.presets import build_model
 
 FORMAT = "m4oe-bundle"
 FORMAT_VERSION = 1
@@ -34,7 +35,7 @@ class BundleError(RuntimeError):
     """A bundle folder is missing, corrupted or does not match the model it describes."""
 
 
-def save_bundle(model: M4oEUNet, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+def save_bundle(model: SegmentationModel, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as a bundle in ``directory`` (created if needed; existing files replaced).
 
     Each file is written to a temporary name and renamed into place; the config, which names the
@@ -65,7 +66,7 @@ def save_bundle(model: M4oEUNet, directory: str | os.PathLike, extra: dict[str, 
     return directory
 
 
-def load_bundle(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> M4oEUNet:
+def load_bundle(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> SegmentationModel:
     """Rebuild a model from a bundle folder; ``model.bundle_extra`` holds the config's ``extra``."""
     directory = Path(directory)
     config = read_bundle_config(directory)
@@ -75,7 +76,9 @@ def load_bundle(directory: str | os.PathLike, map_location: str | torch.device =
     with ThreadPoolExecutor(1, "m4oe-sha256") as pool:
         digest = pool.submit(_sha256, weights)  # hashed while the model is built (hashlib releases the GIL)
         try:
-            model = M4oEUNet(ModelConfig.from_dict(config["model_config"]), config["modalities"], config["label_sets"])
+            model = build_model(
+                ModelConfig.from_dict(config["model_config"]), config["modalities"], config["label_sets"]
+            )
             build_error = None
         except (ConfigError, ValueError, TypeError) as err:
             build_error = err

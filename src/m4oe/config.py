@@ -14,11 +14,17 @@ class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
 
 
+ARCHITECTURES = ("swin", "convnext")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of an M4oE Swin-UNet (or its dense baseline).
+    """Architecture of an M4oE model (or its dense baseline).
 
     Attributes:
+        arch: backbone, ``swin`` (the paper's Swin-UNet) or ``convnext`` (a ConvNeXt-block U-Net
+            with a full-resolution first level; ``patch_size``, ``num_heads``, ``window_size`` and
+            ``qkv_bias`` do not apply to it).
         img_size: side of the square input slice in pixels; a multiple of ``32 * window_size``.
         patch_size: side of the patch embedding (Swin-Unet uses 4).
         in_chans: image channels (1: medical slices are not repeated to RGB).
@@ -38,8 +44,15 @@ class ModelConfig:
             modalities, so that their soft-routed outputs stay those of the old model.
         drop_path_rate: stochastic depth rate, linearly increasing over the encoder blocks.
         qkv_bias: bias in the attention's query/key/value projection.
+        kernel_size: depthwise convolution size of the ``convnext`` blocks.
+        deep_supervision: ``convnext`` only: auxiliary heads at 1/2 and 1/4 resolution, trained with
+            the main head (nnU-Net style); inference uses the main head alone.
+        norm: ``convnext`` only: ``layer`` (LayerNorm over channels, ConvNeXt) or ``instance``
+            (per channel over the pixels, nnU-Net / MedNeXt).
+        init: ``convnext`` only: ``trunc_normal`` (std 0.02, ConvNeXt) or ``kaiming`` (nnU-Net).
     """
 
+    arch: str = "swin"
     img_size: int = 224
     patch_size: int = 4
     in_chans: int = 1
@@ -56,6 +69,10 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     qkv_bias: bool = True
     closed_experts: tuple[tuple[int, int], ...] = ()
+    kernel_size: int = 7
+    deep_supervision: bool = False
+    norm: str = "layer"
+    init: str = "trunc_normal"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -76,11 +93,48 @@ class ModelConfig:
     @property
     def size_multiple(self) -> int:
         """Input sides must be multiples of this: patching and every merge halve the grid."""
+        if self.arch == "convnext":
+            return 2 ** (self.num_stages - 1)
         return self.patch_size * 2 ** (self.num_stages - 1) * self.window_size
 
     def validate(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
         if self.routing not in ROUTING_MODES:
             raise ConfigError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.arch == "convnext":
+            self._validate_convnext()
+        else:
+            self._validate_swin()
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        for m, e in self.closed_experts:
+            if m < 0 or e < 0 or m == e:
+                raise ConfigError(f"closed_experts: ({m}, {e}) must be indices >= 0 and never a modality's own expert")
+
+    def _validate_convnext(self) -> None:
+        if not self.depths or any(d < 0 for d in self.depths) or len(self.depths) < 2:
+            raise ConfigError(f"depths must list at least 2 levels of >= 0 blocks, got {self.depths}")
+        for name in ("img_size", "in_chans", "embed_dim", "kernel_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.norm not in ("layer", "instance"):
+            raise ConfigError(f"norm must be layer or instance, got {self.norm!r}")
+        if self.init not in ("trunc_normal", "kaiming"):
+            raise ConfigError(f"init must be trunc_normal or kaiming, got {self.init!r}")
+        if self.img_size % self.size_multiple:
+            raise ConfigError(
+                f"img_size {self.img_size} must be a multiple of {self.size_multiple} "
+                f"({self.num_stages} levels each halve the side)"
+            )
+
+    def _validate_swin(self) -> None:
+        if self.deep_supervision:
+            raise ConfigError("deep_supervision is available with arch: convnext only")
         if len(self.depths) != len(self.num_heads) or not self.depths:
             raise ConfigError(
                 f"depths {self.depths} and num_heads {self.num_heads} must be non-empty and of equal length"
@@ -99,13 +153,6 @@ class ModelConfig:
                 f"{self.patch_size} and {self.num_stages} stages the side must be a multiple of "
                 f"{self.size_multiple} (valid sizes: {valid}, ...); or change window_size"
             )
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        if self.mlp_ratio <= 0:
-            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        for m, e in self.closed_experts:
-            if m < 0 or e < 0 or m == e:
-                raise ConfigError(f"closed_experts: ({m}, {e}) must be indices >= 0 and never a modality's own expert")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -126,6 +173,38 @@ class ModelConfig:
         base = self.to_dict()
         base.update(overrides)
         return ModelConfig.from_dict(base)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The paper's model as the published code builds it: every expert as wide as the dense MLP.
+    "m4oe-t": ModelConfig(),
+    # Compute-matched experts (hidden 4C/E): total size close to the dense Swin-UNet.
+    "m4oe-t-lite": ModelConfig(compute_matched=True),
+    # The dense Swin-UNet baseline (no experts, no gate).
+    "swin-unet": ModelConfig(moe_encoder=False, moe_decoder=False),
+    # A small model for tests and CPU demos.
+    "tiny": ModelConfig(
+        img_size=128, embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0
+    ),
+    # M4oE on a ConvNeXt-block U-Net (full-resolution first level, deep supervision): learns from
+    # small data and small compute. Experts are compute-matched (hidden 3C/E each).
+    "m4oe-convnext-s": ModelConfig(
+        arch="convnext", img_size=160, embed_dim=16, depths=(1, 1, 2, 2, 2), kernel_size=5, mlp_ratio=3.0,
+        compute_matched=True, drop_path_rate=0.0, deep_supervision=True,
+    ),
+    # Its dense twin (plain MLP in every block).
+    "convnext-unet-s": ModelConfig(
+        arch="convnext", img_size=160, embed_dim=16, depths=(1, 1, 2, 2, 2), kernel_size=5, mlp_ratio=3.0,
+        moe_encoder=False, moe_decoder=False, drop_path_rate=0.0, deep_supervision=True,
+    ),
+}  # fmt: skip
+
+
+def preset_config(preset: str, **overrides: Any) -> ModelConfig:
+    """A preset's model config with ``overrides`` applied (checked against the preset's values)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset].replace(**overrides) if overrides else PRESETS[preset]
 
 
 def _reject_unknown(cls, values: dict[str, Any], message: str) -> None:
@@ -234,6 +313,9 @@ class TrainConfig:
     foreground_fraction: float = 0.33
     ce_weight: float = 1.0
     dice_weight: float = 1.0
+    dice: str = "sample"  # sample: soft Dice per sample, averaged | batch: nnU-Net's batch Dice
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov, momentum 0.99, as nnU-Net)
+    schedule: str = "cosine"  # cosine | poly (nnU-Net's (1 - step/steps)^0.9), after the warm-up
     augment: bool = True
     routing: str | None = None  # override the model's routing mode for training
     baseline: str | None = None  # "per_modality": one model per modality (paradigm a)
@@ -253,6 +335,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be a positive number, got {value!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"train.amp must be auto, bf16 or off, got {self.amp!r}")
+        for name, allowed in (("dice", ("sample", "batch")), ("optimizer", ("adamw", "sgd")),
+                              ("schedule", ("cosine", "poly"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"train.compile must be auto, on or off, got {self.compile!r}")
         if self.routing is not None and self.routing not in ROUTING_MODES:
@@ -395,7 +481,7 @@ def parse_experiment(values: Any, base_dir: str | Path = ".", source: str | None
         if "preset" in model:
             _expect(model["preset"], str, "model.preset")
         overrides = {k: v for k, v in model.items() if k != "preset"}
-        ModelConfig().replace(**overrides)  # unknown or invalid model keys fail here
+        preset_config(model.get("preset", "m4oe-t"), **overrides)  # unknown preset or invalid keys fail here
         train = dict(_expect(values.get("train") or {}, dict, "train"))
         TrainConfig.from_dict(train)  # unknown or invalid training keys fail here
     except ConfigError as err:

@@ -111,6 +111,29 @@ def check_file(path: str | os.PathLike) -> list[str]:
     return []
 
 
+def read_label_map(
+    path: str | os.PathLike, declared: set[int] | None = None, canonical: bool = True
+) -> "Volume":
+    """Read a label map, refusing what would silently give wrong scores: a truncated or NaN NIfTI,
+    non-integer values (a float probability map), and values outside ``declared`` (when given)."""
+    problems = check_file(path)
+    if problems:
+        raise ImageReadError(problems[0])
+    volume = read_volume(path, canonical=canonical)
+    array = volume.array
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.array_equal(array, np.round(array)):
+            raise ImageReadError(f"{path}: not a label map (non-integer values); give integer class labels")
+        volume.array = array.astype(np.int64)
+    if declared is not None:
+        undeclared = sorted(set(np.unique(volume.array).tolist()) - set(declared))
+        if undeclared:
+            raise ImageReadError(
+                f"{path}: label values {undeclared[:10]} are not declared in dataset.json (declared: {sorted(declared)})"
+            )
+    return volume
+
+
 @dataclass
 class Volume:
     """A volume read for processing: ``array`` in ``[z, y, x]`` canonical (``LPS``) order.

@@ -67,6 +67,8 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, device: str |
 
     started = time.perf_counter()
     out = Path(out)
+    for previous in ("pretrain", "train"):  # a rerun of the demo starts its runs afresh
+        shutil.rmtree(out / previous, ignore_errors=True)
     experiment = load_experiment(demo_config(out, quick))
     cache = out / "cache"
     chaos = DATA / "Dataset801_CHAOS_T2_demo"

@@ -52,10 +52,15 @@ def pair_files(gt_dir: Path, pred_dir: Path) -> list[tuple[Path, Path]]:
 
 
 def evaluate_case(task: tuple[str, str, list[int], float]) -> dict[str, Any]:
-    from ..data.io import read_volume
+    from ..data.io import ImageReadError, read_label_map
 
     ref_path, pred_path, labels, tolerance = task
-    ref, pred = read_volume(ref_path, canonical=False), read_volume(pred_path, canonical=False)
+    declared = {0, *labels}
+    try:
+        ref = read_label_map(ref_path, declared, canonical=False)
+        pred = read_label_map(pred_path, declared, canonical=False)
+    except ImageReadError as err:
+        raise EvaluationError(str(err)) from None
     if ref.array.shape != pred.array.shape:
         raise EvaluationError(
             f"{pred_path}: shape {pred.array.shape[::-1]} does not match reference {ref_path} "

@@ -42,6 +42,17 @@ class Prediction:
     probabilities: np.ndarray | None = None  # [classes, z, y, x] float16, canonical order
 
 
+def cpu_threads() -> int:
+    """Threads for CPU inference: ``OMP_NUM_THREADS`` when set, else the CPUs this process may run
+    on (its affinity, as ``taskset`` or a container limit sets it), not every CPU of the machine."""
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    if wanted.isdigit() and int(wanted) > 0:
+        return int(wanted)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 class Predictor:
     """Segments volumes with a model bundle.
 
@@ -85,7 +96,7 @@ class Predictor:
         self.batch_size, self.tta, self.keep_largest = batch_size, tta, keep_largest
         self.datasets = getattr(model, "bundle_extra", {}).get("datasets", {})
         if self.device.type == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(cpu_threads())
             keep_freed_memory()  # process-wide, like the thread count: activations are reused, not faulted in
 
     def resolve(self, dataset: str | None, modality: str | None) -> dict:
@@ -278,6 +289,7 @@ def predict_paths(
 
     predictor.resolve(dataset, modality)  # a bad request fails before any file is read
     out_dir = Path(out_dir)
+    check_output_names(inputs, out_dir)
     outcomes: list[str | tuple[Future, dict]] = []  # per input: why it failed, or (its write, expert weights)
     with ThreadPoolExecutor(1, "m4oe-read") as reader, ThreadPoolExecutor(1, "m4oe-write") as writer:
         loading = reader.submit(_load, inputs[0]) if inputs else None
@@ -305,6 +317,25 @@ def predict_paths(
         except PREDICT_FAILURES as err:
             report.failed.append((path, str(err)))
     return report
+
+
+def check_output_names(inputs: list[Path], out_dir: Path) -> None:
+    """Refuse inputs whose label maps would overwrite each other (``case_0000.nii.gz``,
+    ``case_0001.nii.gz`` and ``case.mha`` all give ``case.nii.gz``), and writing into a folder of
+    inputs (the next run would read the label maps back in as images)."""
+    targets: dict[str, list[Path]] = {}
+    for path in inputs:
+        targets.setdefault(output_name(path), []).append(path)
+    clashes = {name: paths for name, paths in targets.items() if len(paths) > 1}
+    if clashes:
+        name, paths = next(iter(clashes.items()))
+        raise PredictError(
+            f"{len(clashes)} output name(s) would be written twice, e.g. {name} from "
+            f"{', '.join(p.name for p in paths)}: predict these inputs into separate folders"
+        )
+    out = Path(out_dir).resolve()
+    if any(Path(p).resolve().parent == out and Path(p).is_file() for p in inputs):
+        raise PredictError(f"{out_dir}: the output folder holds the input images; choose another -o folder")
 
 
 PREDICT_FAILURES = (ImageReadError, ValueError, RuntimeError, OSError)  # reported per file; other errors stop

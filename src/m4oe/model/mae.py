@@ -1,10 +1,11 @@
 """Phase 1: masked-autoencoder pre-training of the encoder and its modality experts (Swin-MAE style).
 
-A Swin encoder needs the full token grid, so masked patches are not dropped as in ViT-MAE: their
-tokens are replaced by a learned mask token after the patch embedding. Masking works on units of
-``patch_size * 2**(stages-1)`` pixels (one bottleneck token, a whole number of attention windows
-of the first stage at the default sizes), so the masked regions are window-aligned and the encoder
-cannot fill them in from neighbouring tokens of the same window. The decoder is light: one linear
+A Swin or convolutional encoder needs the full grid, so masked patches are not dropped as in
+ViT-MAE: their features are replaced by a learned mask token after the first layer (the Swin patch
+embedding, or the ConvNeXt U-Net's full-resolution stem). Masking works on units of one bottleneck
+cell (``patch_size * 2**(stages-1)`` pixels for the Swin-UNet: a whole number of attention windows
+of the first stage at the default sizes), so the encoder cannot fill masked regions in from
+neighbouring tokens of the same window. The decoder is light: one linear
 layer from each bottleneck token to the pixels of its unit. The loss is the MSE on masked units only,
 against per-unit normalised pixels (``norm_pix_loss``) as in MAE.
 
@@ -18,16 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .unet import M4oEUNet
+from .base import SegmentationModel
 
 
 class MAEPretrainer(nn.Module):
-    """Wraps the encoder of an :class:`M4oEUNet` (sharing its modules) for masked image modelling."""
+    """Wraps the encoder of a model (sharing its modules) for masked image modelling."""
 
-    def __init__(self, model: M4oEUNet, mask_ratio: float = 0.75, norm_pix_loss: bool = True) -> None:
+    def __init__(self, model: SegmentationModel, mask_ratio: float = 0.75, norm_pix_loss: bool = True) -> None:
         super().__init__()
         cfg = model.config
-        self.unit = cfg.patch_size * 2 ** (cfg.num_stages - 1)
+        self.unit = model.bottleneck_stride
         self.grid = cfg.img_size // self.unit
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.patch_embed, self.encoder, self.merges, self.norm = (
@@ -40,6 +41,7 @@ class MAEPretrainer(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder = nn.Linear(cfg.embed_dim * 2 ** (cfg.num_stages - 1), self.unit**2 * cfg.in_chans)
         self.in_chans = cfg.in_chans
+        self._encode = model.encode_embedded  # runs the modules registered above
 
     def random_mask(self, batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         """``[B, g, g]`` bool, true where a unit is masked; exactly ``round(ratio * g^2)`` per sample."""
@@ -55,11 +57,7 @@ class MAEPretrainer(nn.Module):
         per_unit = tokens.shape[1] // self.grid
         token_mask = mask.repeat_interleave(per_unit, 1).repeat_interleave(per_unit, 2).unsqueeze(-1)
         x = torch.where(token_mask, self.mask_token.to(tokens.dtype), tokens)
-        for i, stage in enumerate(self.encoder):
-            x = stage(x, modality, "hard", None)
-            if i < len(self.merges):
-                x = self.merges[i](x)
-        pred = self.decoder(self.norm(x))  # [B, g, g, unit*unit*C]
+        pred = self.decoder(self._encode(x, modality, "hard")[0])  # [B, g, g, unit*unit*C]
         target = _to_units(image, self.unit)  # [B, g, g, unit*unit*C]
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
@@ -83,7 +81,7 @@ def _from_units(units: Tensor, unit: int, channels: int) -> Tensor:
 
 
 @torch.no_grad()
-def load_pretrained(model: M4oEUNet, pretrained: M4oEUNet) -> dict[str, list[str]]:
+def load_pretrained(model: SegmentationModel, pretrained: SegmentationModel) -> dict[str, list[str]]:
     """Phase 2 initialisation: encoder and experts from a pre-trained model, decoder mirrored.
 
     Encoder parameters are copied by name; experts are matched by modality name (a modality the
@@ -95,7 +93,7 @@ def load_pretrained(model: M4oEUNet, pretrained: M4oEUNet) -> dict[str, list[str
     source = dict(pretrained.named_parameters())
     expert_map = [pretrained.modalities.index(m) if m in pretrained.modalities else -1 for m in model.modalities]
     report["new_experts"] = [m for m, j in zip(model.modalities, expert_map, strict=True) if j < 0]
-    prefixes = ("patch_embed.", "encoder.", "merges.", "norm.")
+    prefixes = model.encoder_prefixes
     for name, param in model.named_parameters():
         if not name.startswith(prefixes) or name not in source:
             continue
@@ -114,7 +112,7 @@ def load_pretrained(model: M4oEUNet, pretrained: M4oEUNet) -> dict[str, list[str
 
 
 @torch.no_grad()
-def mirror_encoder_to_decoder(model: M4oEUNet) -> list[str]:
+def mirror_encoder_to_decoder(model: SegmentationModel) -> list[str]:
     """Copy each encoder stage's blocks into the decoder level of the same width, where shapes match."""
     copied = []
     for level, stage in enumerate(model.decoder):

@@ -7,28 +7,20 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import ConfigError, ModelConfig
+from ..config import PRESETS, ModelConfig, preset_config
+from .base import SegmentationModel
+from .convnext_unet import ConvNeXtUNet
 from .moe import MoEMLP
 from .unet import M4oEUNet
 
-PRESETS: dict[str, ModelConfig] = {
-    # The paper's model as the published code builds it: every expert as wide as the dense MLP.
-    "m4oe-t": ModelConfig(),
-    # Compute-matched experts (hidden 4C/E): total size close to the dense Swin-UNet.
-    "m4oe-t-lite": ModelConfig(compute_matched=True),
-    # The dense Swin-UNet baseline (no experts, no gate).
-    "swin-unet": ModelConfig(moe_encoder=False, moe_decoder=False),
-    # A small model for tests and CPU demos.
-    "tiny": ModelConfig(
-        img_size=128, embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0
-    ),
-}
+__all__ = ["PRESETS", "build_model", "create_model", "forward_flops", "model_info", "parameter_counts", "preset_config"]
+
+BACKBONES: dict[str, type[SegmentationModel]] = {"swin": M4oEUNet, "convnext": ConvNeXtUNet}
 
 
-def preset_config(preset: str, **overrides: Any) -> ModelConfig:
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[preset].replace(**overrides) if overrides else PRESETS[preset]
+def build_model(config: ModelConfig, modalities: list[str], label_sets: dict[str, list[str]]) -> SegmentationModel:
+    """The model of ``config.arch`` (Swin-UNet or ConvNeXt U-Net) for these modalities and label sets."""
+    return BACKBONES[config.arch](config, modalities, label_sets)
 
 
 def create_model(
@@ -37,11 +29,11 @@ def create_model(
     modalities: list[str],
     label_sets: dict[str, list[str]],
     **overrides: Any,
-) -> M4oEUNet:
-    """Build an M4oE Swin-UNet (or a baseline) from a named preset.
+) -> SegmentationModel:
+    """Build an M4oE model (or a dense baseline) from a named preset.
 
     Args:
-        preset: one of ``m4oe-t``, ``m4oe-t-lite``, ``swin-unet``, ``tiny``.
+        preset: a name in :data:`m4oe.config.PRESETS` (``m4oe-t``, ``m4oe-convnext-s``, ...).
         modalities: modality names, one expert each (e.g. ``["CT", "MRI"]``).
         label_sets: dataset name -> class names, background first.
         overrides: any :class:`~m4oe.config.ModelConfig` field (e.g. ``img_size=256, window_size=8``).
@@ -52,13 +44,13 @@ def create_model(
         >>> model.class_names
         ['background', 'liver', 'spleen']
     """
-    model = M4oEUNet(preset_config(preset, **overrides), modalities, label_sets)
+    model = build_model(preset_config(preset, **overrides), modalities, label_sets)
     model.preset = preset
     model.overrides = dict(overrides)
     return model
 
 
-def parameter_counts(model: M4oEUNet) -> dict[str, int]:
+def parameter_counts(model: SegmentationModel) -> dict[str, int]:
     """Total, expert, gate and head parameters."""
     experts = gates = 0
     for module in model.modules():
@@ -76,7 +68,7 @@ def parameter_counts(model: M4oEUNet) -> dict[str, int]:
 
 
 @torch.no_grad()
-def forward_flops(model: M4oEUNet, routing: str | None = None) -> int:
+def forward_flops(model: SegmentationModel, routing: str | None = None) -> int:
     """FLOPs (2 per multiply-add) of one forward pass on one slice, counted by PyTorch."""
     cfg = model.config
     image = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)

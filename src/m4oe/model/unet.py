@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig, build_vocabulary
-from .checks import check_index_range
+from ..config import ModelConfig
+from .base import SegmentationModel
 from .head import DynamicHead
-from .swin import PatchEmbed, PatchExpand, PatchMerging, SwinStage, make_mlp_factory
+from .swin import PatchEmbed, PatchExpand, PatchMerging, SwinStage
 
 
-class M4oEUNet(nn.Module):
+class M4oEUNet(SegmentationModel):
     """M4oE Swin-UNet over a fixed set of modalities (one expert each) and dataset label sets.
 
     Args:
@@ -27,16 +27,7 @@ class M4oEUNet(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, modalities: list[str], label_sets: dict[str, list[str]]) -> None:
-        super().__init__()
-        self.config = config
-        self.modalities = list(modalities)
-        self.label_sets = {name: list(labels) for name, labels in label_sets.items()}
-        self.class_names = build_vocabulary(self.label_sets)
-        self.dataset_names = list(self.label_sets)
-        self._check_names()
-        if any(max(pair) >= len(self.modalities) for pair in config.closed_experts):
-            raise ConfigError(f"closed_experts {config.closed_experts} name experts beyond the modalities {modalities}")
-
+        super().__init__(config, modalities, label_sets)
         cfg, n = config, config.num_stages
         dims = [cfg.embed_dim * 2**i for i in range(n)]
         grid = cfg.img_size // cfg.patch_size
@@ -44,22 +35,12 @@ class M4oEUNet(nn.Module):
         drop = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
         starts = [sum(cfg.depths[:i]) for i in range(n)]
 
-        def factory(moe: bool):
-            return make_mlp_factory(
-                cfg.mlp_ratio,
-                len(self.modalities),
-                moe,
-                cfg.compute_matched,
-                cfg.routing,
-                cfg.gate_modality,
-                cfg.closed_experts,
-            )
-
         def stage(i: int, moe: bool) -> SwinStage:
             d = drop[starts[i] : starts[i] + cfg.depths[i]]
             return SwinStage(
-                dims[i], res[i], cfg.depths[i], cfg.num_heads[i], cfg.window_size, factory(moe), d, cfg.qkv_bias
-            )
+                dims[i], res[i], cfg.depths[i], cfg.num_heads[i], cfg.window_size, self.mlp_factory(moe), d,
+                cfg.qkv_bias,
+            )  # fmt: skip
 
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dim, cfg.patch_size)
         self.encoder = nn.ModuleList(stage(i, cfg.moe_encoder) for i in range(n))
@@ -74,38 +55,17 @@ class M4oEUNet(nn.Module):
         self.head = DynamicHead(dims[0], self.label_mask())
         self.apply(_init_weights)
 
-    def _check_names(self) -> None:
-        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities must be non-empty and unique, got {self.modalities}")
-        if not self.label_sets:
-            raise ValueError("label_sets must name at least one dataset")
-        for name, labels in self.label_sets.items():
-            if not labels or labels[0] != "background" or len(set(labels)) != len(labels):
-                raise ValueError(
-                    f"label set of dataset {name!r} must start with 'background' and have unique names, got {labels}"
-                )
-
-    def label_mask(self) -> Tensor:
-        index = {c: k for k, c in enumerate(self.class_names)}
-        mask = torch.zeros(len(self.label_sets), len(self.class_names), dtype=torch.bool)
-        for d, labels in enumerate(self.label_sets.values()):
-            mask[d, [index[c] for c in labels]] = True
-        return mask
-
     @property
-    def num_experts(self) -> int:
-        return len(self.modalities)
+    def bottleneck_stride(self) -> int:
+        """Pixels per bottleneck token: the patch, halved by every merge."""
+        return self.config.patch_size * 2 ** (self.config.num_stages - 1)
 
-    def set_routing(self, routing: str) -> None:
-        """Change the routing mode of every M4oE layer (e.g. ``hard`` for fast inference)."""
-        self.config = self.config.replace(routing=routing)
-        for module in self.modules():
-            if hasattr(module, "routing"):
-                module.routing = routing
+    def embed(self, image: Tensor) -> Tensor:
+        """Patch embedding: ``[B, 1, S, S]`` -> tokens ``[B, S/p, S/p, C]``."""
+        return self.patch_embed(image)
 
-    def encode(self, image: Tensor, modality: Tensor | None, routing: str | None, gates: list | None):
-        """Encoder: returns the bottleneck tokens and the skip tensors of every level."""
-        x = self.patch_embed(image)
+    def encode_embedded(self, x: Tensor, modality, routing: str | None, gates: list | None = None):
+        """Encoder from embedded tokens: returns the bottleneck tokens and the skip of every level."""
         skips = []
         for i, stage in enumerate(self.encoder):
             skips.append(x)
@@ -113,6 +73,10 @@ class M4oEUNet(nn.Module):
             if i < len(self.merges):
                 x = self.merges[i](x)
         return self.norm(x), skips
+
+    def encode(self, image: Tensor, modality: Tensor | None, routing: str | None, gates: list | None):
+        """Encoder: returns the bottleneck tokens and the skip tensors of every level."""
+        return self.encode_embedded(self.embed(image), modality, routing, gates)
 
     def decode(self, x: Tensor, skips: list[Tensor], modality: Tensor | None, routing: str | None, gates: list | None):
         for i in reversed(range(len(self.decoder))):
@@ -149,23 +113,6 @@ class M4oEUNet(nn.Module):
         x, skips = self.encode(image, modality, routing, gates)
         logits = self.head(self.decode(x, skips, modality, routing, gates), dataset)
         return (logits, gates) if return_gates else logits
-
-    def _check_input(self, image: Tensor, modality: Tensor | None, dataset: Tensor | None) -> None:
-        if torch.compiler.is_compiling():  # shapes and types are checked in eager runs
-            return
-        S, C = self.config.img_size, self.config.in_chans
-        if image.ndim != 4 or image.shape[1] != C or image.shape[2:] != (S, S):
-            raise ValueError(f"expected image of shape [B, {C}, {S}, {S}], got {list(image.shape)}")
-        if isinstance(modality, int) and not 0 <= modality < self.num_experts:
-            raise ValueError(f"modality index out of range [0, {self.num_experts}): {modality}")
-        for name, ids, count in (("modality", modality, self.num_experts), ("dataset", dataset, len(self.label_sets))):
-            if ids is None or isinstance(ids, int):
-                continue
-            if ids.shape != (image.shape[0],) or ids.dtype != torch.long:
-                raise ValueError(
-                    f"{name} must be a long tensor of shape [{image.shape[0]}], got {ids.dtype} {list(ids.shape)}"
-                )
-            check_index_range(name, ids, count)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -32,6 +32,7 @@ from ..config import ExperimentConfig
 from ..data.loader import SliceCache
 from ..files import write_json
 from ..model.moe import MoEMLP
+from ..model.presets import build_model
 from ..model.unet import M4oEUNet
 from .common import ensure_cache, experiment_datasets, write_run_config
 from .finetune import SegmentationTask
@@ -55,7 +56,7 @@ def grow_model(old: M4oEUNet, modality: str, label_sets: dict[str, list[str]], c
     if close_to_old:
         new_expert = len(old.modalities)
         config = config.replace(closed_experts=(*config.closed_experts, *((m, new_expert) for m in range(new_expert))))
-    model = M4oEUNet(config, [*old.modalities, modality], {**old.label_sets, **label_sets})
+    model = build_model(config, [*old.modalities, modality], {**old.label_sets, **label_sets})
     new_state = model.state_dict()
     old_state = old.state_dict()
     old_classes = [model.class_names.index(c) for c in old.class_names]
@@ -64,9 +65,9 @@ def grow_model(old: M4oEUNet, modality: str, label_sets: dict[str, list[str]], c
             if name not in old_state:
                 continue
             source = old_state[name]
-            if name == "head.label_mask":
+            if name.endswith("label_mask") and name.split(".")[0] in ("head", "aux_heads"):
                 continue
-            if name == "head.proj.weight":
+            if name.endswith("proj.weight") and name.split(".")[0] in ("head", "aux_heads"):
                 value[old_classes] = source
             elif source.shape == value.shape:
                 value.copy_(source)
@@ -86,10 +87,19 @@ def grow_model(old: M4oEUNet, modality: str, label_sets: dict[str, list[str]], c
 
 @torch.no_grad()
 def favoured_experts(old: M4oEUNet, images: Tensor) -> list[int]:
-    """Per M4oE layer, the old expert with the largest mean gate weight on ``images`` (soft routing)."""
+    """Per M4oE layer, the old expert with the largest mean gate weight on ``images`` (soft routing).
+
+    The new images have no modality of the old model, so the gates are averaged over the old
+    model's modalities (a model that closes experts to some modalities, or whose gate sees the
+    modality, needs one).
+    """
     old.eval()
-    _, gates = old(images, None, None, return_gates=True, routing="soft")
-    return [int(g.float().mean(dim=(0, 1)).argmax()) for g in gates]
+    total = None
+    for m in range(old.num_experts):
+        _, gates = old(images, m, None, return_gates=True, routing="soft")
+        means = [g.float().mean(dim=(0, 1)) for g in gates]
+        total = means if total is None else [t + g for t, g in zip(total, means, strict=True)]
+    return [int(t.argmax()) for t in total]
 
 
 @torch.no_grad()

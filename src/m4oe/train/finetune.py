@@ -13,11 +13,11 @@ from ..bundle import load_bundle
 from ..config import ExperimentConfig
 from ..data.loader import SliceCache
 from ..files import write_json
+from ..model.base import SegmentationModel
 from ..model.mae import load_pretrained
-from ..model.unet import M4oEUNet
 from .common import ensure_cache, experiment_datasets, inference_metadata, model_for, write_run_config
 from .loop import History, Runtime, fit, freeze_unused_gates, setup_runtime
-from .losses import segmentation_loss
+from .losses import deep_supervision_loss, segmentation_loss
 from .validate import validate
 
 
@@ -30,10 +30,12 @@ class SegmentationTask:
 
     name = "train"
 
-    def __init__(self, model: M4oEUNet, cache: SliceCache, routing: str, ce_weight: float, dice_weight: float,
-                 device: torch.device, val_batch: int = 32) -> None:  # fmt: skip
+    def __init__(self, model: SegmentationModel, cache: SliceCache, routing: str, ce_weight: float,
+                 dice_weight: float, device: torch.device, val_batch: int = 32,
+                 dice: str = "sample") -> None:  # fmt: skip
         self.model, self.module, self.cache, self.routing = model, model, cache, routing
         self.ce_weight, self.dice_weight, self.device, self.val_batch = ce_weight, dice_weight, device, val_batch
+        self.dice = dice
         # the model may know datasets and modalities the cache does not hold (add-modality), and back
         self.dataset_map = {cache.dataset_names.index(n): i for i, n in enumerate(model.dataset_names)
                             if n in cache.dataset_names}  # fmt: skip
@@ -53,9 +55,14 @@ class SegmentationTask:
     def loss(self, batch: dict[str, Tensor], module: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
         dataset = self.dataset_lut[batch["dataset"]]
         modality = self.modality_lut[batch["modality"]]
-        logits = module(batch["image"], modality, dataset, routing=self.routing)
         classes = self.model.head.label_mask[dataset]
-        return segmentation_loss(logits, self.class_lut[batch["label"]], classes, self.ce_weight, self.dice_weight)
+        target = self.class_lut[batch["label"]]
+        weights = {"ce_weight": self.ce_weight, "dice_weight": self.dice_weight, "dice": self.dice}
+        if self.model.config.deep_supervision:
+            logits, aux = module(batch["image"], modality, dataset, routing=self.routing, deep_supervision=True)
+            return deep_supervision_loss(logits, aux, target, classes, **weights)
+        logits = module(batch["image"], modality, dataset, routing=self.routing)
+        return segmentation_loss(logits, target, classes, **weights)
 
     def validate(self, autocast) -> dict | None:
         self.model.set_routing(self.routing)
@@ -122,7 +129,9 @@ def _train_one(experiment, cache, datasets, out: Path, runtime: Runtime, init, r
     if init is not None and not resume:
         pretrained = load_bundle(Path(init) / "last")
         report = load_pretrained(model, pretrained)
-    task = SegmentationTask(model, cache, routing, config.ce_weight, config.dice_weight, runtime.device)
+    task = SegmentationTask(
+        model, cache, routing, config.ce_weight, config.dice_weight, runtime.device, dice=config.dice
+    )
     if runtime.main:
         write_run_config(out, experiment, {"phase": "train", "cache": str(cache.path), "datasets_in_run": datasets,
                                            "init": str(init) if init else None})  # fmt: skip

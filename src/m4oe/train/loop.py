@@ -44,6 +44,35 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class RunExists(ValueError):
+    """The output folder already holds a run, and ``resume`` was not asked for."""
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove checkpoint folders left half-written by killed processes (``.last.tmp-PID``,
+    ``.last.old-PID``; each as large as a checkpoint). Those of a live process are kept."""
+    removed = []
+    for path in out.glob(".*.*-*"):
+        stem, _, pid = path.name.rpartition("-")
+        if not (stem.endswith((".tmp", ".old")) and pid.isdigit()) or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 LOOK_EVERY = 10  # steps between read-backs of the loss (for the divergence check and the progress bar)
 
 
@@ -128,15 +157,17 @@ def autocast_factory(device: torch.device, amp: str):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float):
-    """Multiplier of the base learning rate at a step: linear warm-up, then cosine to ``min_lr``."""
+def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float, schedule: str = "cosine"):
+    """Multiplier of the base learning rate at a step: linear warm-up, then cosine (or nnU-Net's
+    polynomial ``(1 - progress)^0.9``) down to ``min_lr``."""
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         floor = min_lr / base_lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay = (1 - progress) ** 0.9 if schedule == "poly" else 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * decay
 
     return factor
 
@@ -220,6 +251,12 @@ def fit(
     ``stop_at_step`` interrupts the run just before that step (as a kill would), for tests.
     """
     out.mkdir(parents=True, exist_ok=True)
+    if not resume and (out / "last").exists():
+        raise RunExists(
+            f"{out} already holds a run (its last/ checkpoint): pass --resume to continue it, or choose another -o"
+        )
+    if runtime.main:
+        remove_stale_temporaries(out)
     torch.manual_seed(config.seed + runtime.rank)
     module = task.module.to(runtime.device)
     if config.batch_size % runtime.world:
@@ -243,13 +280,20 @@ def fit(
         {"params": [p for p in params if id(p) not in no_decay], "weight_decay": config.weight_decay},
         {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.99, nesterov=True, fused=fused)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused)
     warmup = int(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, lr, config.min_lr))
+    schedule = lr_lambda(total_steps, warmup, lr, config.min_lr, config.schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator(device=runtime.device).manual_seed(config.seed * 1000 + runtime.rank)
     history, step, start_epoch, start_batch = History(), 0, 0, 0
     resumed_sums: dict[str, Tensor] = {}
+    resumed_seen, resumed_seconds = 0, 0.0  # slices and seconds of an interrupted epoch before the resume
     sums: dict[str, Tensor] = {}
+    seen, started = 0, time.perf_counter()
     if resume:
         state = load_train_state(out)
         for key in ("batch_size", "seed", "samples_per_epoch"):
@@ -260,6 +304,7 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
         resumed_sums = {k: torch.tensor(v, device=runtime.device) for k, v in state["epoch_sums"].items()}
+        resumed_seen, resumed_seconds = state.get("epoch_progress", [0, 0.0])
         history = History(state["history"], state["best"])
         torch.set_rng_state(state["rng"][runtime.rank])
         generator.set_state(state["generator"][runtime.rank])
@@ -285,6 +330,7 @@ def fit(
             "epoch": epoch,
             "batch": batch,
             "epoch_sums": {k: float(v) for k, v in sums.items()} if batch else {},
+            "epoch_progress": [seen, time.perf_counter() - started] if batch else [0, 0.0],
             "history": history.rows,
             "config": {k: getattr(config, k) for k in ("batch_size", "seed", "samples_per_epoch")},
             "best": history.best,
@@ -301,6 +347,8 @@ def fit(
         module.train()
         sums = dict(resumed_sums) if epoch == start_epoch else {}
         seen, started = 0, time.perf_counter()
+        if epoch == start_epoch:  # the slices and time of the epoch before an interruption count too
+            seen, started = resumed_seen, started - resumed_seconds
         bar = _progress(steps_per_epoch - first_batch, f"{task.name} {epoch + 1}/{epochs}", progress and runtime.main)
         for batch_index, batch in enumerate(loader, start=first_batch):
             if stop_at_step is not None and step >= stop_at_step:

@@ -43,21 +43,70 @@ def soft_dice_per_sample(probs: Tensor, target: Tensor, classes: Tensor) -> Tens
     return torch.where(n > 0, (dice * weights).sum(1) / n.clamp_min(1), torch.ones_like(n))
 
 
+def soft_dice_batch(probs: Tensor, target: Tensor, classes: Tensor) -> Tensor:
+    """nnU-Net's batch Dice: per class, intersection and sizes summed over the whole batch (over
+    the samples whose dataset has the class), then the mean over the batch's foreground classes.
+
+    Small organs, often absent from a slice, are scored on the batch rather than slice by slice,
+    which gives a smoother gradient. A scalar ``[]``; it depends on the batch, so data-parallel
+    processes each take the Dice of their own share.
+    """
+    one_hot = _one_hot(target, probs.shape[1]).to(probs.dtype)
+    has = classes.to(probs.dtype)[:, :, None, None]  # a sample counts only for its own classes
+    intersection = (probs * one_hot * has).sum((0, 2, 3))
+    denominator = ((probs + one_hot) * has).sum((0, 2, 3))
+    dice = (2 * intersection + SMOOTH) / (denominator + SMOOTH)  # [K]
+    counted = classes.any(0)
+    counted[0] = False
+    return (dice * counted).sum() / counted.sum().clamp_min(1)
+
+
 def _one_hot(index: Tensor, classes: int) -> Tensor:
     """``[B, H, W]`` class indices -> ``[B, K, H, W]`` bool. Unlike ``F.one_hot`` it reads no value
     back to check the range (a device sync per call) and makes no int64 copy."""
     return index.unsqueeze(1) == torch.arange(classes, device=index.device).view(1, -1, 1, 1)
 
 
+DICE_MODES = ("sample", "batch")
+
+
 def segmentation_loss(
-    logits: Tensor, target: Tensor, classes: Tensor, ce_weight: float = 1.0, dice_weight: float = 1.0
+    logits: Tensor,
+    target: Tensor,
+    classes: Tensor,
+    ce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    dice: str = "sample",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``ce_weight * CE + dice_weight * (1 - soft Dice)``, each a mean over samples.
+    """``ce_weight * CE + dice_weight * (1 - soft Dice)``; CE a mean over samples, Dice per sample
+    (:func:`soft_dice_per_sample`, averaged) or over the batch (:func:`soft_dice_batch`).
 
     Returns the loss and detached parts (``ce``, ``dice``) for logging (no device sync here).
     """
+    if dice not in DICE_MODES:
+        raise ValueError(f"dice must be one of {DICE_MODES}, got {dice!r}")
     logits = logits.float()
     ce = F.cross_entropy(logits, target, reduction="none").mean(dim=(1, 2))
-    dice = soft_dice_per_sample(logits.softmax(1), target, classes)
-    loss = (ce_weight * ce + dice_weight * (1 - dice)).mean()
-    return loss, {"ce": ce.mean().detach(), "dice": dice.mean().detach()}
+    probs = logits.softmax(1)
+    score = (
+        soft_dice_per_sample(probs, target, classes).mean()
+        if dice == "sample"
+        else soft_dice_batch(probs, target, classes)
+    )
+    loss = ce_weight * ce.mean() + dice_weight * (1 - score)
+    return loss, {"ce": ce.mean().detach(), "dice": score.detach()}
+
+
+def deep_supervision_loss(
+    logits: Tensor, aux: list[Tensor], target: Tensor, classes: Tensor, **kwargs
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """nnU-Net's deep supervision: the loss at full resolution plus the losses of coarser outputs
+    (against the label map subsampled to their size), weighted 1, 1/2, 1/4, ... and normalised to
+    sum to 1. The logged parts are those of the full-resolution output."""
+    loss, logs = segmentation_loss(logits, target, classes, **kwargs)
+    weights = [0.5 ** (i + 1) for i in range(len(aux))]
+    total = loss
+    for weight, coarse in zip(weights, aux, strict=True):
+        step = target.shape[-1] // coarse.shape[-1]
+        total = total + weight * segmentation_loss(coarse, target[:, ::step, ::step], classes, **kwargs)[0]
+    return total / (1 + sum(weights)), logs

@@ -83,13 +83,14 @@ def render_overlay(
 def overlay_files(image: Path, out: Path, gt: Path | None = None, pred: Path | None = None,
                   label_names: dict[int, str] | None = None) -> Path:  # fmt: skip
     """Read an image and its label maps (any of them optional) and render the overlay."""
-    from ..data.io import read_volume
+    from ..data.io import read_label_map, read_volume
 
     volume = read_volume(image)
     labels = {}
+    declared = None if label_names is None else {0, *label_names}
     for name, path in (("reference", gt), ("prediction", pred)):
         if path is not None:
-            label = read_volume(path)
+            label = read_label_map(path, declared)
             if label.array.shape != volume.array.shape:
                 raise ValueError(f"{path}: shape {label.array.shape} does not match image {image} {volume.array.shape}")
             labels[name] = label.array.astype(np.int64)

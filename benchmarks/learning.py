@@ -1,0 +1,120 @@
+"""Learning benchmark: validation Dice per dataset along training, at a fixed budget of slices.
+
+Every variant trains on the same data and validation cases (``experiments/base.yaml`` unless
+``--config``), the same slice cache (fixed input size) and the same number of training slices, and is
+validated at ``--points`` evenly spaced points (a learning curve). It prints and writes, per variant
+and seed: Dice per dataset at each point, wall time and slices/s (``learning.json``, ``learning.md``).
+
+A variant is ``NAME=PRESET[,key=value,...]``; keys of the ``train:`` section (lr, optimizer, dice,
+batch_size, baseline, ...) go there, any other key is a model override. Examples::
+
+    python benchmarks/learning.py --cache cache/base128 --slices 14400 --points 4 --seeds 0 1 \\
+        --variant m4oe=m4oe-convnext-s --variant dense=convnext-unet-s \\
+        --variant per_modality=convnext-unet-s,baseline=per_modality --out runs/learning
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from m4oe.config import TrainConfig, parse_experiment
+from m4oe.train.finetune import run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_variant(text: str) -> tuple[str, str, dict, dict]:
+    """``NAME=PRESET[,key=value...]`` -> (name, preset, model overrides, train settings)."""
+    name, _, spec = text.partition("=")
+    preset, *pairs = spec.split(",")
+    if not name or not preset:
+        raise SystemExit(f"--variant {text!r}: expected NAME=PRESET[,key=value,...]")
+    model, train = {}, {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        value = yaml.safe_load(raw)
+        (train if key in TRAIN_KEYS else model)[key] = value
+    return name, preset, model, train
+
+
+def curve(run: Path) -> list[dict]:
+    """Validation rows of a run's metrics.csv (every per-modality sub-run merged by epoch)."""
+    files = sorted(run.glob("**/metrics.csv"))
+    points: dict[int, dict] = {}
+    for path in files:
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if not row.get("val_dice"):
+                    continue
+                point = points.setdefault(int(row["epoch"]), {"epoch": int(row["epoch"])})
+                for key, value in row.items():
+                    if key.startswith("val_dice_") and value:
+                        point[key.removeprefix("val_dice_")] = float(value)
+    return [points[k] for k in sorted(points)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "experiments" / "base.yaml")
+    parser.add_argument("--cache", type=Path, required=True, help="slice cache (its size is the input size)")
+    parser.add_argument("--variant", action="append", required=True)
+    parser.add_argument("--slices", type=int, default=14400, help="training slices per model")
+    parser.add_argument("--points", type=int, default=4, help="validations along training")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--datasets", nargs="*", help="restrict to these dataset names")
+    parser.add_argument("--train", default="", help="train settings shared by every variant, key=value,...")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    base = yaml.safe_load(args.config.read_text())
+    if args.datasets:
+        base["datasets"] = [d for d in base["datasets"] if d.get("name") in args.datasets]
+    shared = parse_variant(f"shared=x,{args.train}")[3] if args.train else {}
+    results = []
+    for text in args.variant:
+        name, preset, model, train = parse_variant(text)
+        for seed in args.seeds:
+            settings = {**base.get("train", {}), "workers": 2, **shared, **train, "seed": seed}
+            settings.update(epochs=args.points, samples_per_epoch=args.slices // args.points, val_every=1)
+            values = {**base, "model": {"preset": preset, **model}, "train": settings}
+            experiment = parse_experiment(values, base_dir=args.config.parent, source=f"{name} seed {seed}")
+            out = args.out / f"{name}_seed{seed}"
+            started = time.perf_counter()
+            run_train(experiment, out, cache_dir=args.cache, progress=False)
+            seconds = time.perf_counter() - started
+            result = {"variant": name, "preset": preset, "model": model, "train": train, "seed": seed,
+                      "slices": args.slices, "seconds": round(seconds, 1),
+                      "slices_per_s": round(args.slices / seconds, 1), "curve": curve(out)}  # fmt: skip
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            write(args.out, results)
+
+
+def write(out: Path, results: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "learning.json").write_text(json.dumps(results, indent=2))
+    datasets = sorted({k for r in results for p in r["curve"] for k in p if k != "epoch"})
+    lines = [
+        "| variant | seed | slices seen | " + " | ".join(datasets) + " | wall s | slices/s |",
+        "|---|---:|---:|" + "---:|" * len(datasets) + "---:|---:|",
+    ]
+    for r in results:
+        points = len(r["curve"])
+        for i, point in enumerate(r["curve"]):
+            seen = r["slices"] * point["epoch"] // max(p["epoch"] for p in r["curve"])
+            cells = " | ".join(f"{point.get(d, float('nan')):.3f}" for d in datasets)
+            timing = f"{r['seconds']} | {r['slices_per_s']}" if i == points - 1 else " | "
+            lines.append(f"| {r['variant']} | {r['seed']} | {seen} | {cells} | {timing} |")
+    (out / "learning.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

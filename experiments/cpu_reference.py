@@ -1,0 +1,158 @@
+"""Train the CPU reference model: one M4oE model (modality experts + gate) for BTCV CT, CHAOS T2 MRI
+and ACDC cine MRI, in at most an hour on two CPU cores.
+
+    python experiments/cpu_reference.py --out runs/cpu_ref
+
+Phase 1 (MAE pre-training of each modality's expert) and phase 2 (gated fine-tuning) run on the
+data and validation cases of ``experiments/base.yaml``, with the ``m4oe-convnext-s`` preset at the
+input size of the cache. The script writes, under ``--out``:
+
+* ``pretrain/`` and ``train/`` (runs as ``m4oe pretrain`` / ``m4oe train`` write them; ``train/last``
+  is the bundle ``m4oe predict`` uses as it is);
+* ``reference.json`` and ``reference.md``: per-organ validation Dice per dataset (3D, whole volumes
+  on the cache's grid), the learning curve, time and slices/s;
+* ``curve.png``: validation Dice per dataset against training slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from m4oe.config import parse_experiment
+from m4oe.files import save_figure, write_json, write_text
+from m4oe.train.finetune import run_train
+from m4oe.train.pretrain import run_pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "experiments" / "base.yaml"
+SYNAPSE = ["aorta", "gallbladder", "right_kidney", "left_kidney", "liver", "pancreas", "spleen", "stomach"]
+
+MODEL = {"preset": "m4oe-convnext-s", "img_size": 128}
+TRAIN = {"batch_size": 12, "lr": 3e-3, "warmup_epochs": 0.1, "dice": "batch", "pretrain_lr": 1e-3, "workers": 2}
+
+
+def experiment(args: argparse.Namespace):
+    values = yaml.safe_load(BASE.read_text())
+    if args.data:
+        for entry in values["datasets"]:
+            entry["path"] = str(Path(args.data) / Path(entry["path"]).name)
+    per_epoch = args.slices // args.points
+    values["model"] = {**MODEL, "img_size": args.img_size}
+    values["train"] = {
+        **TRAIN,
+        "seed": args.seed,
+        "epochs": args.points,
+        "samples_per_epoch": per_epoch,
+        "val_every": 1,
+        "pretrain_epochs": max(1, args.pretrain_slices // per_epoch),
+    }
+    return parse_experiment(values, base_dir=BASE.parent, source=str(BASE))
+
+
+def curve(run: Path, slices_per_epoch: int) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_dice")]
+    return [
+        {"slices": int(r["epoch"]) * slices_per_epoch, "seconds": float(r["epoch_seconds"]),
+         **{k.removeprefix("val_dice_"): float(v) for k, v in r.items() if k.startswith("val_dice_") and v}}
+        for r in rows
+    ]  # fmt: skip
+
+
+def summary(validation: dict) -> dict:
+    dice = validation["dice"]
+    out = {name: {"mean": _mean(organs.values()), "organs": organs} for name, organs in dice.items()}
+    if "BTCV" in dice:
+        out["BTCV"]["synapse8"] = _mean(dice["BTCV"][o] for o in SYNAPSE if o in dice["BTCV"])
+    return out
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def markdown(result: dict) -> str:
+    lines = [f"CPU reference model: `{result['command']}`", "",
+             f"Wall time {result['minutes']:.1f} min (phase 1 {result['pretrain_minutes']:.1f}, phase 2 "
+             f"{result['train_minutes']:.1f}), {result['slices']} training slices at {result['img_size']} px, "
+             f"{result['slices_per_s']:.1f} slices/s in phase 2.", "",
+             "| dataset | mean Dice | per organ |", "|---|---:|---|"]  # fmt: skip
+    for name, entry in result["validation"].items():
+        organs = ", ".join(f"{k} {v:.3f}" for k, v in entry["organs"].items())
+        extra = f" (8 Synapse organs {entry['synapse8']:.3f})" if "synapse8" in entry else ""
+        lines.append(f"| {name} | {entry['mean']:.3f}{extra} | {organs} |")
+    lines += [
+        "",
+        "| slices | " + " | ".join(result["validation"]) + " |",
+        "|---:|" + "---:|" * len(result["validation"]),
+    ]
+    for point in result["curve"]:
+        lines.append(f"| {point['slices']} | " + " | ".join(f"{point.get(n, float('nan')):.3f}"
+                                                            for n in result["validation"]) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: list[dict], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        ax.plot([p["slices"] for p in points], [p.get(name) for p in points], "o-", label=name)
+    ax.set_xlabel("training slices")
+    ax.set_ylabel("validation Dice (mean over organs)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, help="slice cache folder (default: OUT/cache)")
+    parser.add_argument("--data", type=Path, help="folder holding the Dataset00X folders (default: base.yaml's)")
+    parser.add_argument("--slices", type=int, default=36000, help="phase-2 training slices")
+    parser.add_argument("--pretrain-slices", type=int, default=3600, help="phase-1 (MAE) slices")
+    parser.add_argument("--points", type=int, default=6, help="validations along phase 2")
+    parser.add_argument("--img-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    exp = experiment(args)
+    cache = args.cache or args.out / "cache"
+    started = time.perf_counter()
+    run_pretrain(exp, args.out / "pretrain", cache, progress=False)
+    pretrained = time.perf_counter()
+    run_train(exp, args.out / "train", cache, init=args.out / "pretrain", progress=False)
+    finished = time.perf_counter()
+
+    validation = json.loads((args.out / "train" / "validation.json").read_text())
+    per_epoch = exp.training.samples_per_epoch
+    result = {
+        "command": "python experiments/cpu_reference.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "img_size": args.img_size, "slices": args.slices, "pretrain_slices": exp.training.pretrain_epochs * per_epoch,
+        "minutes": (finished - started) / 60, "pretrain_minutes": (pretrained - started) / 60,
+        "train_minutes": (finished - pretrained) / 60, "slices_per_s": args.slices / (finished - pretrained),
+        "validation": summary(validation), "curve": curve(args.out / "train", per_epoch),
+    }  # fmt: skip
+    write_json(args.out / "reference.json", result, indent=2)
+    write_text(args.out / "reference.md", markdown(result))
+    plot(result["curve"], list(result["validation"]), args.out / "curve.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The M4oE ConvNeXt U-Net: blocks against a plain reference, masked head, deep supervision,
+phase 1, bundles of the new presets, and the batch Dice against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m4oe import load_bundle, save_bundle
+from m4oe.config import PRESETS, ConfigError, ModelConfig, preset_config
+from m4oe.model import create_model, parameter_counts
+from m4oe.model.convnext_unet import ConvNeXtBlock, ConvNeXtUNet
+from m4oe.model.mae import MAEPretrainer, load_pretrained
+from m4oe.model.moe import MoEMLP
+from m4oe.train.losses import deep_supervision_loss, segmentation_loss, soft_dice_batch
+
+LABELS = {"ct": ["background", "liver", "spleen"], "mr": ["background", "liver", "kidney"]}
+MICRO = {"img_size": 32, "embed_dim": 8, "depths": (1, 1, 1), "kernel_size": 3}
+
+
+def micro(preset: str = "m4oe-convnext-s", **overrides) -> ConvNeXtUNet:
+    torch.manual_seed(0)
+    return create_model(preset, modalities=["CT", "MRI"], label_sets=LABELS, **{**MICRO, **overrides})
+
+
+def block_reference(block: ConvNeXtBlock, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    """One pixel, one sample and one expert at a time, channels-first, LayerNorm written out."""
+    mlp = block.mlp
+    B, H, W, C = x.shape
+    conv = F.conv2d(x.permute(0, 3, 1, 2), block.dwconv.weight, block.dwconv.bias, padding=block.dwconv.padding,
+                    groups=C)  # fmt: skip
+    out = torch.empty_like(x)
+    for b in range(B):
+        for i in range(H):
+            for j in range(W):
+                v = conv[b, :, i, j]
+                v = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + block.norm.eps)
+                v = v * block.norm.weight + block.norm.bias
+                gates = torch.softmax(mlp.gate.weight @ v + mlp.gate.bias, dim=0)
+                mixed = 0
+                for e in range(mlp.num_experts):
+                    hidden = F.gelu(mlp.w1[e] @ v + mlp.b1[e])
+                    mixed = mixed + gates[e] * (mlp.w2[e] @ hidden + mlp.b2[e])
+                out[b, i, j] = x[b, i, j] + mixed
+    return out
+
+
+def test_block_matches_pixel_loop_reference_forward_and_gradients():
+    torch.manual_seed(1)
+    mlp = MoEMLP(6, 5, 3)
+    block = ConvNeXtBlock(6, 3, mlp).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.4)
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    modality = torch.tensor([1, 0])
+    fast, gates = block(x, modality, "soft")
+    ref = block_reference(block, x, modality)
+    assert torch.allclose(fast, ref, atol=1e-10)
+    assert gates.shape == (2, 20, 3) and torch.allclose(gates.sum(-1), torch.ones(2, 20, dtype=torch.float64))
+    grad = torch.randn_like(fast)
+    params = [x, *block.parameters()]
+    for g_fast, g_ref in zip(torch.autograd.grad(fast, params, grad), torch.autograd.grad(ref, params, grad),
+                             strict=True):  # fmt: skip
+        assert torch.allclose(g_fast, g_ref, atol=1e-9)
+
+
+def test_shapes_gates_and_deep_supervision():
+    model = micro()
+    image = torch.randn(3, 1, 32, 32)
+    logits, gates, aux = model(image, torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), return_gates=True,
+                               deep_supervision=True)  # fmt: skip
+    assert logits.shape == (3, 4, 32, 32)
+    assert [a.shape[-1] for a in aux] == [16]  # 3 levels: one auxiliary head, at 1/2
+    # one gate per block: 3 encoder levels + 2 decoder levels of depth 1
+    assert len(gates) == 5 and all(torch.allclose(g.sum(-1), torch.ones(())) for g in gates)
+    assert model(image, torch.tensor([0, 1, 1])).shape == (3, 4, 32, 32)
+
+
+def test_head_masks_each_datasets_classes_and_batches_are_order_free():
+    model = micro().eval()
+    image = torch.randn(4, 1, 32, 32)
+    modality, dataset = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        logits, aux = model(image, modality, dataset, deep_supervision=True)
+        alone = torch.cat([model(image[i : i + 1], modality[i : i + 1], dataset[i : i + 1]) for i in range(4)])
+    lowest = torch.finfo(logits.dtype).min
+    kidney, spleen = model.class_names.index("kidney"), model.class_names.index("spleen")
+    for out in (logits, *aux):
+        assert (out[dataset == 0, kidney] == lowest).all() and (out[dataset == 1, spleen] == lowest).all()
+        assert (out[dataset == 0, spleen] > lowest).all()
+    assert torch.allclose(logits, alone, atol=1e-5)
+
+
+def test_every_parameter_learns_and_phase1_trains_the_encoder():
+    model = micro()
+    image = torch.randn(4, 1, 32, 32)
+    logits, aux = model(image, torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 0, 1]), deep_supervision=True)
+    (logits.logsumexp(1).mean() + sum(a.logsumexp(1).mean() for a in aux)).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+    assert dead == []
+    mae = MAEPretrainer(model, mask_ratio=0.5)
+    assert mae.unit == 4 and mae.grid == 8  # 3 levels: bottleneck cell of 4 px
+    mask = mae.random_mask(4)
+    loss, recon = mae(image, torch.tensor([0, 0, 0, 0]), mask)
+    assert recon.shape == image.shape
+    model.zero_grad()
+    loss.backward()
+    w1 = model.encoder[0].blocks[0].mlp.w1.grad
+    assert w1[0].abs().max() > 0 and w1[1].abs().max() == 0  # hard routing: only the CT expert learns
+    assert model.head.proj.weight.grad is None  # the decoder and head are not part of phase 1
+
+
+def test_phase1_weights_load_into_phase2_and_mirror_the_decoder():
+    pretrained, fresh = micro(), micro()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.normal_()
+    report = load_pretrained(fresh, pretrained)
+    assert torch.equal(fresh.encoder[1].blocks[0].dwconv.weight, pretrained.encoder[1].blocks[0].dwconv.weight)
+    assert torch.equal(fresh.decoder[1].blocks[0].mlp.w1, pretrained.encoder[1].blocks[0].mlp.w1)
+    assert report["mirrored"] and not torch.equal(fresh.head.proj.weight, pretrained.head.proj.weight)
+
+
+@pytest.mark.parametrize("preset", ["m4oe-convnext-s", "convnext-unet-s"])
+def test_bundle_round_trip_of_each_new_preset(preset, tmp_path):
+    model = create_model(preset, modalities=["CT", "MRI"], label_sets=LABELS).eval()
+    image = torch.randn(2, 1, model.config.img_size, model.config.img_size)
+    modality, dataset = torch.tensor([0, 1]), torch.tensor([1, 0])
+    loaded = load_bundle(save_bundle(model, tmp_path / preset)).eval()
+    assert isinstance(loaded, ConvNeXtUNet) and loaded.config == model.config
+    with torch.no_grad():
+        assert torch.equal(loaded(image, modality, dataset), model(image, modality, dataset))
+
+
+def test_dense_twin_has_no_experts_and_matches_the_m4oe_size():
+    m4oe = create_model("m4oe-convnext-s", modalities=["CT", "MRI", "cine"], label_sets=LABELS)
+    dense = create_model("convnext-unet-s", modalities=["CT", "MRI", "cine"], label_sets=LABELS)
+    counts, dense_counts = parameter_counts(m4oe), parameter_counts(dense)
+    assert dense_counts["experts"] == 0 and counts["experts"] > 0
+    # compute-matched experts: the M4oE model is the dense one plus gates (within 1%)
+    assert abs(counts["total"] - dense_counts["total"]) / dense_counts["total"] < 0.01
+
+
+def test_m4oe_t_is_unchanged():
+    model = create_model("m4oe-t", modalities=["CT", "MRI", "cine"], label_sets={"d": [f"c{k}" if k else
+                         "background" for k in range(17)]})  # fmt: skip
+    assert parameter_counts(model) == {"total": 58_482_222, "experts": 46_954_368, "gates": 12_714, "head": 1_632}
+    assert PRESETS["m4oe-t"] == ModelConfig()
+
+
+def test_convnext_config_checks():
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        preset_config("m4oe-convnext-s", img_size=120)
+    with pytest.raises(ConfigError, match="odd"):
+        preset_config("m4oe-convnext-s", kernel_size=4)
+    with pytest.raises(ConfigError, match="convnext only"):
+        preset_config("tiny", deep_supervision=True)
+    assert preset_config("m4oe-convnext-s", img_size=144).img_size == 144  # no window constraint
+
+
+def test_batch_dice_against_hand_computed_value():
+    # 2 samples of 1x2 pixels, classes background / a / b; sample 1's dataset lacks class b
+    probs = torch.tensor([[[[0.5, 0.0]], [[0.5, 1.0]], [[0.0, 0.0]]],
+                          [[[0.0, 1.0]], [[0.0, 0.0]], [[1.0, 0.0]]]])  # fmt: skip
+    target = torch.tensor([[[1, 1]], [[2, 0]]])
+    classes = torch.tensor([[True, True, False], [True, True, True]])
+    # class a: I = 0.5 + 1 = 1.5, P = 1.5, T = 2 -> 3 / 3.5;  class b (sample 2 only): I = 1, P = 1, T = 1 -> 1
+    expected = (3 / 3.5 + 1.0) / 2
+    assert soft_dice_batch(probs, target, classes).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_deep_supervision_loss_weights_and_subsampled_targets():
+    torch.manual_seed(3)
+    logits, coarse = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 3, (2, 8, 8))
+    classes = torch.ones(2, 3, dtype=torch.bool)
+    full = segmentation_loss(logits, target, classes)[0]
+    # the coarse output is scored against every second pixel of the label map, with weight 1/2
+    half = segmentation_loss(coarse, target[:, 0::2, 0::2], classes)[0]
+    loss, _ = deep_supervision_loss(logits, [coarse], target, classes)
+    assert loss.item() == pytest.approx((full.item() + 0.5 * half.item()) / 1.5, rel=1e-6)
