@@ -19,6 +19,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 def parse_variant(text: str) -> tuple[str, str, dict, dict]:
     """``NAME=PRESET[,key=value...]`` -> (name, preset, model overrides, train settings)."""
     name, _, spec = text.partition("=")
-    preset, *pairs = spec.split(",")
+    preset, *pairs = re.split(r",(?![^\[]*\])", spec)  # commas inside [..] belong to a list value
     if not name or not preset:
         raise SystemExit(f"--variant {text!r}: expected NAME=PRESET[,key=value,...]")
     model, train = {}, {}

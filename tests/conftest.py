@@ -9,6 +9,24 @@ import torch
 from m4oe import create_model
 
 SHARED_DATA = Path(os.environ.get("M4OE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+HAVE_SHARED_DATA = all((SHARED_DATA / name).is_dir() for name in ("Dataset001_BTCV", "Dataset002_CHAOS_T2"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "shared_data: reads the real datasets in ../shared/data")
+    # CI sets this, so that it cannot pass by skipping the tests on real data
+    if os.environ.get("M4OE_REQUIRE_SHARED_DATA") == "1" and not HAVE_SHARED_DATA:
+        raise pytest.UsageError(f"M4OE_REQUIRE_SHARED_DATA=1 but the real data is not in {SHARED_DATA}")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_SHARED_DATA:
+        return
+    skip = pytest.mark.skip(reason=f"real data not found in {SHARED_DATA} (set M4OE_SHARED_DATA to its folder)")
+    for item in items:
+        if "shared_data" in item.keywords:
+            item.add_marker(skip)
+
 
 LABEL_SETS = {
     "ct": ["background", "spleen", "right_kidney", "left_kidney", "liver"],

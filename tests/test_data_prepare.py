@@ -46,6 +46,7 @@ def cache(tmp_path_factory):
     return out, result, json.loads((out / "meta.json").read_text())
 
 
+@pytest.mark.shared_data
 def test_slice_counts_match_the_volumes(cache):
     out, result, meta = cache
     expected = 0
@@ -58,6 +59,7 @@ def test_slice_counts_match_the_volumes(cache):
     assert np.load(out / "labels.npy", mmap_mode="r").shape == (expected, SIZE, SIZE)
 
 
+@pytest.mark.shared_data
 def test_vocabulary_merges_shared_organs(cache):
     _, _, meta = cache
     names = meta["class_names"]
@@ -68,6 +70,7 @@ def test_vocabulary_merges_shared_organs(cache):
     assert meta["modalities"] == ["CT", "MRI", "cineMRI"]
 
 
+@pytest.mark.shared_data
 def test_labels_are_mapped_into_the_union_vocabulary(cache):
     out, _, meta = cache
     labels = np.load(out / "labels.npy", mmap_mode="r")
@@ -88,6 +91,7 @@ def test_labels_are_mapped_into_the_union_vocabulary(cache):
     assert np.array_equal(cached == names.index("liver"), expected[0].numpy() == 1)
 
 
+@pytest.mark.shared_data
 def test_ct_statistics_and_normalised_slices(cache):
     out, _, meta = cache
     stats = meta["datasets"][0]["normalization"]
@@ -116,6 +120,7 @@ def test_ct_statistics_and_normalised_slices(cache):
     assert np.allclose(cached, expected, atol=1e-2)
 
 
+@pytest.mark.shared_data
 def test_mri_is_normalised_per_case(cache):
     out, _, meta = cache
     images = np.load(out / "images.npy", mmap_mode="r")
@@ -131,6 +136,7 @@ def test_mri_is_normalised_per_case(cache):
         assert np.allclose(stored, fitted, atol=2e-2)
 
 
+@pytest.mark.shared_data
 def test_geometry_and_orientation_kept(cache):
     _, _, meta = cache
     for case in meta["cases"]:
@@ -143,6 +149,7 @@ def test_geometry_and_orientation_kept(cache):
     assert meta["cases"][0]["orientation"] == "LPS"
 
 
+@pytest.mark.shared_data
 def test_acdc_split_keeps_patients_together(cache):
     _, _, meta = cache
     acdc = [c for c in meta["cases"] if c["dataset"] == "ACDC"]
@@ -153,6 +160,7 @@ def test_acdc_split_keeps_patients_together(cache):
     assert {f for folds in by_patient.values() for f in folds} == {0, 1}
 
 
+@pytest.mark.shared_data
 def test_rerun_is_a_no_op_and_changes_rebuild(cache, tmp_path):
     out, _, _ = cache
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -161,6 +169,7 @@ def test_rerun_is_a_no_op_and_changes_rebuild(cache, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+@pytest.mark.shared_data
 def test_uint8_storage_and_parallel_workers_agree(cache, tmp_path):
     out, _, meta = cache
     from m4oe.data.loader import SliceCache
@@ -177,6 +186,7 @@ def test_uint8_storage_and_parallel_workers_agree(cache, tmp_path):
     assert np.all(np.abs(a - b) <= step / 2 + 1e-2)
 
 
+@pytest.mark.shared_data
 def test_interrupted_run_leaves_no_cache(tmp_path, monkeypatch):
     from m4oe.data import prepare as prepare_module
 

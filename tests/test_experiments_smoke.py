@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.shared_data
 def test_table_c_smoke_runs_and_writes_its_table(tmp_path):
     script = str(ROOT / "experiments" / "run_tables.py")
     command = [sys.executable, script, "--table", "C", "--smoke", "--data", str(SHARED_DATA),

@@ -80,6 +80,7 @@ def test_prediction_keeps_geometry_and_anatomy(tmp_path, direction):
     assert agreement > 0.985, agreement  # only resampled edges may differ; a flip would break it
 
 
+@pytest.mark.shared_data
 def test_dicom_series_input(tmp_path):
     series = SHARED_DATA / "samples" / "totalsegmentator" / "ct_dicom_20slices"
     model = create_model("tiny", modalities=["CT"], label_sets={"phantom": LABELS}, **MICRO)

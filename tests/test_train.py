@@ -64,6 +64,7 @@ def pretrained(workdir, cache_dir):
     return out, history
 
 
+@pytest.mark.shared_data
 def test_pretrain_loss_falls_on_real_slices(pretrained):
     out, history = pretrained
     losses = [row["loss"] for row in history.rows]
@@ -74,6 +75,7 @@ def test_pretrain_loss_falls_on_real_slices(pretrained):
     assert set(bundle.bundle_extra["datasets"]) == {"BTCV", "CHAOS"}
 
 
+@pytest.mark.shared_data
 def test_train_loss_falls_and_validation_dice_rises(workdir, cache_dir):
     out = workdir / "scratch"
     histories = run_train(experiment(workdir, epochs=15), out, cache_dir, progress=False)
@@ -119,6 +121,7 @@ def test_experiment_written_out_reads_back_the_same(tmp_path):
     assert not again.datasets[1].labeled and again.datasets[2].split.val == ("x_1", "x_2")
 
 
+@pytest.mark.shared_data
 def test_pretrained_encoder_and_experts_are_loaded(pretrained):
     pre_out, _ = pretrained
     source = load_file(str(pre_out / "last" / "model.safetensors"))
@@ -137,6 +140,7 @@ def test_pretrained_encoder_and_experts_are_loaded(pretrained):
     assert not torch.equal(own["encoder.0.blocks.0.mlp.gate.weight"], source["encoder.0.blocks.0.mlp.gate.weight"])
 
 
+@pytest.mark.shared_data
 def test_train_with_init_writes_report(pretrained, workdir, cache_dir):
     pre_out, _ = pretrained
     out = workdir / "two_phase"
@@ -149,6 +153,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "last" / "model.safetensors"))
 
 
+@pytest.mark.shared_data
 def test_resume_after_a_kill_gives_the_same_weights(workdir, cache_dir):
     settings = dict(epochs=2, samples_per_epoch=48, checkpoint_every=2, val_every=1, augment=True)
     exp = experiment(workdir, **settings)
@@ -173,6 +178,7 @@ def _column(run: Path, name: str) -> list[str]:
     return [line.split(",")[index] for line in lines[1:]]
 
 
+@pytest.mark.shared_data
 def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(workdir, cache_dir, monkeypatch):
     from m4oe.train import finetune
 
@@ -209,6 +215,7 @@ class DeviceReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("phase, routing", [("train", "soft"), ("train", "hard"), ("pretrain", None)])
 def test_training_steps_read_nothing_back_from_the_device(workdir, cache_dir, monkeypatch, phase, routing):
     """As on a GPU (index checks off), the loop reads values back only outside the steps: a run
@@ -243,6 +250,7 @@ def test_training_steps_read_nothing_back_from_the_device(workdir, cache_dir, mo
     assert counts[0] == counts[1], counts
 
 
+@pytest.mark.shared_data
 def test_per_modality_baseline_trains_one_model_each(workdir, cache_dir):
     out = workdir / "per_modality"
     histories = run_train(experiment(workdir, epochs=1, baseline="per_modality"), out, cache_dir, progress=False)
@@ -258,6 +266,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.shared_data
 def test_ddp_two_cpu_processes_match_one(workdir, cache_dir):
     (workdir / "ddp").mkdir()
     config = write_config(workdir / "ddp", epochs=1, samples_per_epoch=48, augment=False, val_every=0)

@@ -50,6 +50,8 @@ class ModelConfig:
         norm: ``convnext`` only: ``layer`` (LayerNorm over channels, ConvNeXt) or ``instance``
             (per channel over the pixels, nnU-Net / MedNeXt).
         init: ``convnext`` only: ``trunc_normal`` (std 0.02, ConvNeXt) or ``kaiming`` (nnU-Net).
+        spatial: ``convnext`` only: the block's spatial convolution, ``depthwise`` (ConvNeXt) or
+            ``full`` (a dense ``k x k`` convolution; more FLOPs, better use of CPU GEMM kernels).
     """
 
     arch: str = "swin"
@@ -73,6 +75,7 @@ class ModelConfig:
     deep_supervision: bool = False
     norm: str = "layer"
     init: str = "trunc_normal"
+    spatial: str = "depthwise"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -124,6 +127,8 @@ class ModelConfig:
             raise ConfigError(f"kernel_size must be odd, got {self.kernel_size}")
         if self.norm not in ("layer", "instance"):
             raise ConfigError(f"norm must be layer or instance, got {self.norm!r}")
+        if self.spatial not in ("depthwise", "full"):
+            raise ConfigError(f"spatial must be depthwise or full, got {self.spatial!r}")
         if self.init not in ("trunc_normal", "kaiming"):
             raise ConfigError(f"init must be trunc_normal or kaiming, got {self.init!r}")
         if self.img_size % self.size_multiple:

@@ -129,7 +129,8 @@ def read_label_map(
         undeclared = sorted(set(np.unique(volume.array).tolist()) - set(declared))
         if undeclared:
             raise ImageReadError(
-                f"{path}: label values {undeclared[:10]} are not declared in dataset.json (declared: {sorted(declared)})"
+                f"{path}: label values {undeclared[:10]} are not declared in dataset.json "
+                f"(declared: {sorted(declared)})"
             )
     return volume
 

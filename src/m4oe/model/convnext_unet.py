@@ -48,9 +48,11 @@ def make_norm(kind: str, dim: int) -> nn.Module:
 class ConvNeXtBlock(nn.Module):
     """``x + MLP(Norm(DWConv(x)))`` on ``[B, H, W, C]``, the MLP dense or an M4oE layer."""
 
-    def __init__(self, dim: int, kernel: int, mlp: nn.Module, drop_path: float = 0.0, norm: str = "layer") -> None:
+    def __init__(
+        self, dim: int, kernel: int, mlp: nn.Module, drop_path: float = 0.0, norm: str = "layer", depthwise: bool = True
+    ) -> None:
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.dwconv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim if depthwise else 1)
         self.norm = make_norm(norm, dim)
         self.mlp = mlp
         self.drop_path = DropPath(drop_path)
@@ -67,10 +69,13 @@ class ConvStage(nn.Module):
     """A run of ConvNeXt blocks at one resolution (``.blocks``, like a Swin stage)."""
 
     def __init__(
-        self, dim: int, depth: int, kernel: int, make_mlp, drop_path: list[float], norm: str = "layer"
-    ) -> None:
+        self, dim: int, depth: int, kernel: int, make_mlp, drop_path: list[float], norm: str = "layer",
+        depthwise: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.blocks = nn.ModuleList(ConvNeXtBlock(dim, kernel, make_mlp(dim), drop_path[i], norm) for i in range(depth))
+        self.blocks = nn.ModuleList(
+            ConvNeXtBlock(dim, kernel, make_mlp(dim), drop_path[i], norm, depthwise) for i in range(depth)
+        )
 
     def forward(self, x: Tensor, modality, routing: str | None, gates: list | None) -> Tensor:
         for block in self.blocks:
@@ -143,6 +148,7 @@ class ConvNeXtUNet(SegmentationModel):
                 make[moe],
                 drop[starts[i] : starts[i] + cfg.depths[i]],
                 cfg.norm,
+                cfg.spatial == "depthwise",
             )
 
         # names shared with the Swin-UNet (patch_embed, encoder, merges, norm, decoder) so that phase-1
