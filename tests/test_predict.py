@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from m4oe import create_model, load_bundle, save_bundle
 from m4oe.cli import app
 from m4oe.config import ModelConfig
-from m4oe.data.io import Geometry
+from m4oe.data.io import Geometry, read_volume
 from m4oe.infer import predict
 from m4oe.infer.predict import (
     CPU_BATCH,
@@ -267,3 +267,34 @@ def test_folder_pipeline_reads_ahead_writes_behind_and_reports_in_order(tmp_path
             assert events.index(("read", names[k + 2], reads[k + 2][2])) > predicted
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "e.nii.gz")))
     assert ((labels == 6) == (l_shape() > 0.5)).mean() > 0.985  # the last result is the last volume's
+
+
+class SideModel(M4oEUNet):
+    """Stand-in for a model trained without flips: names organs by the side of the slice they lie on
+    (canonical x: the patient's right is on the low side), as position-bound models do."""
+
+    def forward(self, image, modality=None, dataset=None, return_gates=False, routing=None):
+        x = image[:, 0]
+        right_side = (torch.arange(x.shape[-1]) < x.shape[-1] // 2).to(x.dtype).expand_as(x)
+        organ = (x > 0.5).to(x.dtype)
+        logits = torch.stack([1 - organ, organ * right_side * 2, organ * (1 - right_side) * 2], dim=1) * 10
+        return (logits, []) if return_gates else logits
+
+
+def test_flip_tta_swaps_left_and_right_classes(tmp_path):
+    from m4oe.infer.predict import mirror_permutation
+
+    names = ["background", "right_kidney", "left_kidney"]
+    assert mirror_permutation(names) == [0, 2, 1]
+    assert mirror_permutation(["background", "liver", "myocardium"]) == [0, 1, 2]
+    model = SideModel(ModelConfig(**{**MICRO, "depths": (1, 1, 1, 1)}), ["CT"], {"phantom": names})
+    model.bundle_extra = {"datasets": {"phantom": {"modality": "CT", "normalization": {"scheme": "none"},
+                                                   "label_values": {"background": 0, "right_kidney": 2,
+                                                                    "left_kidney": 3}}}}  # fmt: skip
+    image = np.zeros((3, 32, 32), np.float32)
+    image[:, 10:20, 3:10] = 1.0  # an organ on the low-x side of the canonical slice
+    image[:, 10:20, 22:29] = 1.0  # and its partner on the high-x side
+    path = write_image(tmp_path / "in" / "case_0000.nii.gz", image, direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    plain = Predictor(model).predict_volume(read_volume(path), "phantom").labels
+    mirrored = Predictor(model, tta=True).predict_volume(read_volume(path), "phantom").labels
+    assert set(np.unique(plain)) == {0, 2, 3} and (plain == mirrored).all()

@@ -139,3 +139,49 @@ def test_second_added_modality_finds_favoured_experts():
     assert len(favoured) == 14 and all(0 <= e < 3 for e in favoured)
     twice = grow_model(once, "PET", {"c": ["background", "tumour"]}, close_to_old=True)
     assert twice.modalities == ["CT", "MRI", "cineMRI", "PET"]
+
+
+def _two_datasets(tmp_path: Path, **first) -> dict:
+    a = make_dataset(tmp_path / "a", n=3)
+    b = make_dataset(tmp_path / "b", n=3, modality="MRI")
+    model = {"preset": "tiny", **{k: list(v) if isinstance(v, tuple) else v for k, v in MICRO.items()}}
+    return {"model": model, "split": {"folds": 3},
+            "datasets": [{"path": str(a), "modality": "CT", **first}, {"path": str(b), "modality": "MRI"}]}  # fmt: skip
+
+
+def _cache(values: dict, cache: Path):
+    from m4oe.train.common import ensure_cache
+    from m4oe.train.loop import Runtime
+
+    return ensure_cache(parse_experiment(values), cache, Runtime(torch.device("cpu")), progress=False)
+
+
+def test_cache_is_rebuilt_when_the_fold_or_weight_changes(tmp_path):
+    values = _two_datasets(tmp_path)
+    first = _cache(values, tmp_path / "cache")
+    other_fold = _cache({**values, "split": {"folds": 3, "fold": 1}}, tmp_path / "cache")
+    assert other_fold.meta["fingerprint"] != first.meta["fingerprint"]
+    assert not np.array_equal(other_fold.slice_mask("val"), first.slice_mask("val"))
+    weighted = _two_datasets(tmp_path, weight=3.0)
+    assert _cache(weighted, tmp_path / "cache").meta["datasets"][0]["weight"] == 3.0
+
+
+def test_subset_config_must_match_the_cache(tmp_path):
+    values = _two_datasets(tmp_path)
+    _cache(values, tmp_path / "cache")
+    subset = {**values, "datasets": values["datasets"][:1]}
+    assert _cache(subset, tmp_path / "cache").dataset_names == ["a", "b"]  # the same settings: reused
+    changed = {**subset, "datasets": [{**values["datasets"][0], "normalization": "mri"}]}
+    with pytest.raises(ConfigError, match=r"datasets \['a'\] were prepared with other settings"):
+        _cache(changed, tmp_path / "cache")
+
+
+def test_a_cache_rebuilt_under_a_reader_is_refused(tmp_path):
+    from m4oe.data.datasets import DataError
+    from m4oe.data.prepare import prepare
+
+    values = _two_datasets(tmp_path)
+    cache = _cache(values, tmp_path / "cache")
+    prepare(parse_experiment({**values, "split": {"folds": 3, "fold": 2}}), tmp_path / "cache", progress=False)
+    with pytest.raises(DataError, match="rebuilt or removed while this run was reading it"):
+        cache.read(np.arange(2))  # a loader worker opening the arrays after the rebuild

@@ -66,9 +66,23 @@ class SliceCache:
 
     def _open(self) -> tuple[np.ndarray, np.ndarray]:
         if self._images is None:
+            self._check_unchanged()
             self._images = np.load(self.path / "images.npy", mmap_mode="r")
             self._labels = np.load(self.path / "labels.npy", mmap_mode="r")
         return self._images, self._labels
+
+    def _check_unchanged(self) -> None:
+        """The files must be those this cache's index describes: a cache rebuilt after it was
+        opened (loader workers open the arrays later) would be read with a stale index."""
+        try:
+            now = json.loads((self.path / "meta.json").read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError):
+            now = None
+        if now != self.meta.get("fingerprint"):
+            raise DataError(
+                [f"{self.path}: the cache was rebuilt or removed while this run was reading it; start the run again"],
+                "stale slice cache",
+            )
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalised images ``[n, S, S]`` float32 and labels ``[n, S, S]`` uint8 of some slices."""

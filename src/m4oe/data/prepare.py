@@ -65,29 +65,36 @@ def discover(config: ExperimentConfig, problems: list[str]) -> list[DatasetSourc
 
 
 def _fingerprint(sources: list[DatasetSource], img_size: int, storage: str) -> str:
+    payload = {
+        "format": CACHE_FORMAT,
+        "img_size": img_size,
+        "storage": storage,
+        "datasets": [dataset_fingerprint(s) for s in sources],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dataset_fingerprint(source: DatasetSource) -> str:
+    """What a dataset's part of the cache depends on: its settings (fold and weight included) and
+    the size and time of every file."""
+
     def stat(path: Path | None) -> list:
         if path is None:
             return []
         info = path.stat()
         return [str(path), info.st_size, info.st_mtime_ns]
 
+    s = source
     payload = {
-        "format": CACHE_FORMAT,
-        "img_size": img_size,
-        "storage": storage,
-        "datasets": [
-            {
-                "name": s.name,
-                "modality": s.modality,
-                "normalization": s.normalization,
-                "labeled": s.labeled,
-                "label_values": s.label_values,
-                "label_map": s.label_map,
-                "split": [s.split.folds, s.split.seed, s.split.group_pattern, s.split.val],
-                "cases": [[c.case_id, stat(c.image), stat(c.label)] for c in s.cases],
-            }
-            for s in sources
-        ],
+        "name": s.name,
+        "modality": s.modality,
+        "normalization": s.normalization,
+        "labeled": s.labeled,
+        "label_values": s.label_values,
+        "label_map": s.label_map,
+        "weight": s.weight,
+        "split": [s.split.folds, s.split.fold, s.split.seed, s.split.group_pattern, s.split.val],
+        "cases": [[c.case_id, stat(c.image), stat(c.label)] for c in s.cases],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -386,6 +393,7 @@ def _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary
             "label_map": s.label_map,
             "normalization": stats[s.name],
             "weight": s.weight,
+            "fingerprint": dataset_fingerprint(s),
             "split": {
                 "folds": s.split.folds,
                 "fold": s.split.fold,

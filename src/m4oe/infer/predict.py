@@ -42,6 +42,17 @@ class Prediction:
     probabilities: np.ndarray | None = None  # [classes, z, y, x] float16, canonical order
 
 
+def mirror_permutation(class_names: list[str]) -> list[int]:
+    """Class order of a left-right mirrored prediction: each class whose name differs from another's
+    only by ``left`` / ``right`` takes its partner's place (``left_kidney`` <-> ``right_kidney``)."""
+    index = {name: k for k, name in enumerate(class_names)}
+    order = []
+    for name in class_names:
+        swapped = re.sub(r"left|right", lambda m: "right" if m.group(0) == "left" else "left", name)
+        order.append(index.get(swapped, index[name]))
+    return order
+
+
 def cpu_threads() -> int:
     """Threads for CPU inference: ``OMP_NUM_THREADS`` when set, else the CPUs this process may run
     on (its affinity, as ``taskset`` or a container limit sets it), not every CPU of the machine."""
@@ -94,6 +105,7 @@ class Predictor:
         if batch_size < 1:
             raise PredictError(f"batch size must be at least 1, got {batch_size}")
         self.batch_size, self.tta, self.keep_largest = batch_size, tta, keep_largest
+        self.mirror_classes = torch.tensor(mirror_permutation(model.class_names), device=self.device)
         self.datasets = getattr(model, "bundle_extra", {}).get("datasets", {})
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads())
@@ -169,7 +181,10 @@ class Predictor:
             logits, gates = self.model(batch, modality, dataset, return_gates=True)
             if self.tta:
                 flipped = self.model(batch.flip(-1), modality, dataset)
-                scores = (logits.float().softmax(1) + flipped.float().flip(-1).softmax(1)) / 2
+                # in the mirrored slice the right kidney lies where the left one belongs, and the model
+                # (trained without flips) calls it left: swap the paired classes back when un-mirroring
+                mirrored = flipped.float().flip(-1).softmax(1)[:, self.mirror_classes]
+                scores = (logits.float().softmax(1) + mirrored) / 2
             else:
                 scores = logits.float()
             if gates:

@@ -26,6 +26,11 @@ from .head import DynamicHead
 from .swin import DropPath
 
 
+import os  # noqa: E402
+
+MAIN_ACT = os.environ.get("M4OE_MAIN_ACT") == "1"  # EXPERIMENT
+
+
 class InstanceNormLast(nn.Module):
     """Instance normalisation (per sample and channel, over the pixels, as nnU-Net and MedNeXt
     normalise) of channels-last ``[B, H, W, C]`` features, with a learned affine per channel."""
@@ -103,10 +108,12 @@ class Downsample(nn.Module):
 
     def __init__(self, dim: int, out_dim: int, norm: str = "layer") -> None:
         super().__init__()
-        self.norm = make_norm(norm, dim)
+        self.norm = make_norm(norm, out_dim if MAIN_ACT else dim)
         self.conv = nn.Conv2d(dim, out_dim, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if MAIN_ACT:
+            return F.gelu(self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)))
         return self.conv(self.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
@@ -115,10 +122,12 @@ class Upsample(nn.Module):
 
     def __init__(self, dim: int, out_dim: int, norm: str = "layer") -> None:
         super().__init__()
-        self.norm = make_norm(norm, dim)
+        self.norm = make_norm(norm, out_dim if MAIN_ACT else dim)
         self.conv = nn.ConvTranspose2d(dim, out_dim, 2, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
+        if MAIN_ACT:
+            return F.gelu(self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)))
         return self.conv(self.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 

@@ -58,7 +58,30 @@ def _reuse_as_is(experiment: ExperimentConfig, cache_dir: Path) -> bool:
     wanted = _dataset_names(experiment)
     if not wanted <= held:
         return False
-    return wanted != held or not all(Path(d.path).is_dir() for d in experiment.datasets)
+    if not all(Path(d.path).is_dir() for d in experiment.datasets):
+        return True  # a cache carried to a machine without the raw data: nothing to compare with
+    if wanted == held:
+        return False  # prepare() compares the whole fingerprint and rebuilds what changed
+    _check_subset(experiment, cache_dir, meta)
+    return True
+
+
+def _check_subset(experiment: ExperimentConfig, cache_dir: Path, meta: dict) -> None:
+    """A config on some of a cache's datasets must describe them as the cache was prepared."""
+    from ..data.datasets import DataError
+    from ..data.prepare import dataset_fingerprint, discover
+
+    problems: list[str] = []
+    sources = discover(experiment, problems)
+    if problems:
+        raise DataError(problems, "the datasets cannot be opened")
+    held = {d["name"]: d.get("fingerprint") for d in meta["datasets"]}
+    changed = [s.name for s in sources if held.get(s.name) != dataset_fingerprint(s)]
+    if changed:
+        raise ConfigError(
+            f"{cache_dir}: datasets {changed} were prepared with other settings or files (split, label_map, "
+            f"normalization, weight, cases); prepare a cache for this config (another --cache) or rebuild this one"
+        )
 
 
 def experiment_datasets(experiment: ExperimentConfig, cache: SliceCache) -> list[str]:
