@@ -128,7 +128,21 @@ def read_bundle_config(directory: str | os.PathLike) -> dict[str, Any]:
     missing = [key for key in required if key not in config]
     if missing:
         raise BundleError(f"{path}: missing keys {missing}")
+    shapes = {
+        "model_config": lambda v: isinstance(v, dict),
+        "modalities": _str_list,
+        "class_names": _str_list,
+        "label_sets": lambda v: isinstance(v, dict) and all(isinstance(k, str) and _str_list(x) for k, x in v.items()),
+        "weights": lambda v: isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("file", "sha256")),
+    }
+    wrong = [key for key, fits in shapes.items() if not fits(config[key])]
+    if wrong:
+        raise BundleError(f"{path}: wrong types for {wrong} (an edited or damaged file); use the bundle as saved")
     return config
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _sha256(path: Path) -> str:

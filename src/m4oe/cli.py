@@ -106,7 +106,12 @@ def _load(config: Path, epochs: int | None = None, pretrain_epochs: int | None =
     return replace(experiment, train=train)
 
 
+DEBUG = False  # --debug: errors keep their traceback
+
+
 def _fail(err: Exception) -> None:
+    if DEBUG:
+        raise err
     console.print(f"[red]error:[/red] {err}", highlight=False)
     raise typer.Exit(1) from err
 
@@ -423,7 +428,31 @@ def torch_version() -> str:
 
 
 def main() -> None:
-    app()
+    """Entry point: errors are one line naming what is wrong; ``--debug`` (anywhere) shows the traceback."""
+    import sys
+
+    global DEBUG
+    debug = DEBUG = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app()
+    except Exception as err:  # anything a command did not turn into a message itself
+        if debug:
+            raise
+        console.print(f"[red]error:[/red] {_one_line(err)}", highlight=False)
+        sys.exit(1)
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}; check that the path exists, has the right kind and is writable"
+    text = " ".join(str(err).split()) or type(err).__name__
+    if type(err).__module__.startswith("m4oe") or isinstance(err, ValueError):
+        return text  # m4oe's own errors and value checks already say what is wrong and where
+    return f"{type(err).__name__}: {text} (unexpected: run again with --debug for the traceback)"
 
 
 if __name__ == "__main__":

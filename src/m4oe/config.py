@@ -331,6 +331,13 @@ class TrainConfig:
     norm_pix_loss: bool = True
 
     def __post_init__(self) -> None:
+        counts = ("epochs", "batch_size", "workers", "pretrain_epochs", "val_every", "checkpoint_every", "seed")
+        for name in (*counts, "samples_per_epoch"):
+            value = getattr(self, name)
+            if (value is not None or name != "samples_per_epoch") and (
+                not isinstance(value, int) or isinstance(value, bool)
+            ):
+                raise ConfigError(f"train.{name} must be a whole number, got {value!r}")
         positive = ("epochs", "batch_size", "lr", "workers", "pretrain_epochs", "pretrain_lr")
         for name in positive:
             value = getattr(self, name)
@@ -534,7 +541,9 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     return parse_experiment(values, base_dir=path.parent, source=str(path))

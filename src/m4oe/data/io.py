@@ -111,9 +111,7 @@ def check_file(path: str | os.PathLike) -> list[str]:
     return []
 
 
-def read_label_map(
-    path: str | os.PathLike, declared: set[int] | None = None, canonical: bool = True
-) -> "Volume":
+def read_label_map(path: str | os.PathLike, declared: set[int] | None = None, canonical: bool = True) -> "Volume":
     """Read a label map, refusing what would silently give wrong scores: a truncated or NaN NIfTI,
     non-integer values (a float probability map), and values outside ``declared`` (when given)."""
     problems = check_file(path)

@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import ROUTING_MODES
 from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, read_volume, write_volume
 from ..data.normalize import normalize
 from ..data.resample import SlicePlan, fit_slices, unfit_logits
+from ..devices import resolve_device
 from ..files import atomic_write
 from ..memory import keep_freed_memory
 from ..model.head import class_argmax
@@ -94,11 +96,13 @@ class Predictor:
         routing: str | None = None,
         precision: str = "auto",
     ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         # The whole model runs in bf16 (weights and activations), not under autocast: faster.
         self.dtype = inference_dtype(precision, self.device)
         self.model = model.to(self.device, self.dtype).eval()
         if routing is not None:
+            if routing not in ROUTING_MODES:
+                raise PredictError(f"--routing {routing!r}: use one of {', '.join(ROUTING_MODES)}")
             self.model.set_routing(routing)
         if batch_size is None:
             batch_size = 16 if self.device.type == "cuda" else CPU_BATCH

@@ -16,6 +16,8 @@ layer, the gate and the dynamic head are the same modules as there.
 
 from __future__ import annotations
 
+import os  # noqa: E402
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,9 +26,6 @@ from ..config import ModelConfig
 from .base import SegmentationModel
 from .head import DynamicHead
 from .swin import DropPath
-
-
-import os  # noqa: E402
 
 MAIN_ACT = os.environ.get("M4OE_MAIN_ACT") == "1"  # EXPERIMENT
 

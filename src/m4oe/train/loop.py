@@ -34,6 +34,7 @@ from ..bundle import save_bundle
 from ..config import TrainConfig
 from ..data.augment import AugmentConfig, augment_batch
 from ..data.loader import BalancedBatchSampler, SliceCache, make_loader
+from ..devices import resolve_device
 from ..files import replace_dir, save_figure, write_csv, write_json
 from ..model.unet import M4oEUNet
 
@@ -139,12 +140,12 @@ def setup_runtime(device: str | None = None) -> Runtime:
     """Device and process group (when started by ``torchrun``: WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if wanted == "cuda":
+    wanted = resolve_device(device)
+    if wanted.type == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
-        dev = torch.device(wanted)
+        dev = wanted
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Runtime(dev, rank, world, local_rank)
