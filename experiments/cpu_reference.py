@@ -34,7 +34,7 @@ BASE = ROOT / "experiments" / "base.yaml"
 SYNAPSE = ["aorta", "gallbladder", "right_kidney", "left_kidney", "liver", "pancreas", "spleen", "stomach"]
 
 MODEL = {"preset": "m4oe-convnext-s", "img_size": 128}
-TRAIN = {"batch_size": 12, "lr": 3e-3, "warmup_epochs": 0.1, "dice": "batch", "pretrain_lr": 1e-3, "workers": 2}
+TRAIN = {"batch_size": 12, "lr": 1e-2, "warmup_epochs": 0.1, "dice": "batch", "pretrain_lr": 1e-3, "workers": 2}
 
 
 def experiment(args: argparse.Namespace):

@@ -15,7 +15,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--quick", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "tiny" in result.output and "Dice" in result.output and "liver" in result.output
+    assert "m4oe-convnext-s" in result.output and "Dice" in result.output and "liver" in result.output
     summary = json.loads((out / "evaluation" / "summary.json").read_text().replace("NaN", "null"))
     assert summary["metric_per_case"][0]["reference_file"].endswith("chaos_21.nii.gz")
     for picture in ("overlay.png", "experts/experts.png", "train/curve.png"):

@@ -27,7 +27,7 @@ def _split(text: str) -> list[str]:
 
 @app.command()
 def info(
-    preset: str = typer.Option("m4oe-t", help="Model preset: m4oe-t, m4oe-t-lite, swin-unet, tiny."),
+    preset: str = typer.Option("m4oe-t", help="Model preset (m4oe-t, m4oe-convnext-s, ...: see the README)."),
     modalities: str = typer.Option("CT,MRI", help="Comma-separated modality names (one expert each)."),
     num_classes: int = typer.Option(14, help="Size of the union label vocabulary, background included."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -321,8 +321,8 @@ def demo(
     from .demo.run import run_demo
 
     console.print(
-        "m4oe demo: a [bold]tiny[/bold] model trained for a few minutes on 4 MRI volumes and 1 CT shipped with "
-        "the package. It shows the workflow; its Dice is not a result.",
+        "m4oe demo: a small [bold]m4oe-convnext-s[/bold] model trained for about three minutes on 4 MRI volumes "
+        "and 1 CT shipped with the package. It shows the workflow; its Dice is not a benchmark result.",
         highlight=False,
     )
     result = run_demo(out, quick=quick, device=device, say=console.print)

@@ -194,13 +194,13 @@ PRESETS: dict[str, ModelConfig] = {
     # M4oE on a ConvNeXt-block U-Net (full-resolution first level, deep supervision): learns from
     # small data and small compute. Experts are compute-matched (hidden 3C/E each).
     "m4oe-convnext-s": ModelConfig(
-        arch="convnext", img_size=160, embed_dim=16, depths=(1, 1, 2, 2, 2), kernel_size=5, mlp_ratio=3.0,
-        compute_matched=True, drop_path_rate=0.0, deep_supervision=True,
+        arch="convnext", img_size=128, embed_dim=16, depths=(0, 1, 2, 2, 2), kernel_size=3, mlp_ratio=3.0,
+        compute_matched=True, drop_path_rate=0.0, deep_supervision=True, init="kaiming",
     ),
     # Its dense twin (plain MLP in every block).
     "convnext-unet-s": ModelConfig(
-        arch="convnext", img_size=160, embed_dim=16, depths=(1, 1, 2, 2, 2), kernel_size=5, mlp_ratio=3.0,
-        moe_encoder=False, moe_decoder=False, drop_path_rate=0.0, deep_supervision=True,
+        arch="convnext", img_size=128, embed_dim=16, depths=(0, 1, 2, 2, 2), kernel_size=3, mlp_ratio=3.0,
+        moe_encoder=False, moe_decoder=False, drop_path_rate=0.0, deep_supervision=True, init="kaiming",
     ),
 }  # fmt: skip
 
