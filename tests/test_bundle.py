@@ -93,3 +93,16 @@ def test_unbuildable_config_is_reported_after_the_checksum(micro_model, tmp_path
     weights.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="model.safetensors: checksum"):
         load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("modalities", "CT"), ("label_sets", {"ct": "liver"}), ("weights", {"file": 3}), ("model_config", [])],
+)
+def test_wrong_types_in_config_json_are_one_message(micro_model, tmp_path, key, value):
+    save_bundle(micro_model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=rf"wrong types for \['{key}'\]"):
+        load_bundle(tmp_path)
