@@ -298,3 +298,30 @@ def test_flip_tta_swaps_left_and_right_classes(tmp_path):
     plain = Predictor(model).predict_volume(read_volume(path), "phantom").labels
     mirrored = Predictor(model, tta=True).predict_volume(read_volume(path), "phantom").labels
     assert set(np.unique(plain)) == {0, 2, 3} and (plain == mirrored).all()
+
+
+def test_non_orthogonal_direction_is_kept_exactly_in_metaimage(tmp_path):
+    sheared = (1.0, 0.0, 0.0, 0.2, 1.0, 0.0, 0.0, 0.0, 1.0)  # not a rotation: NIfTI cannot store it
+    path = write_image(tmp_path / "in" / "case_0000.mha", l_shape(), direction=sheared)
+    report = predict_paths(Predictor(threshold_model()), [path], tmp_path / "out", dataset="phantom", progress=False)
+    assert [p.name for p in report.written] == ["case.mha"]
+    out = sitk.ReadImage(str(report.written[0]))
+    assert np.allclose(out.GetDirection(), sheared, atol=1e-9)
+    upright = write_image(tmp_path / "in2" / "other_0000.mha", l_shape())
+    assert predict_paths(Predictor(threshold_model()), [upright], tmp_path / "out", dataset="phantom",
+                         progress=False).written[0].name == "other.nii.gz"  # fmt: skip
+
+
+def test_a_ct_given_to_an_mri_model_is_warned_about(tmp_path):
+    model = threshold_model()
+    mri_scheme = {"scheme": "mri", "percentiles": [0.5, 99.5]}
+    model.bundle_extra = {"datasets": {"phantom": {**EXTRA["datasets"]["phantom"], "normalization": mri_scheme}}}
+    ct = np.full((6, 40, 30), -1000.0, np.float32)  # air around a body of soft tissue
+    ct[:, 10:30, 8:22] = 40.0
+    mri = np.abs(ct) / 10
+    predictor = Predictor(model)
+    ct_path = write_image(tmp_path / "ct_0000.nii.gz", ct)
+    mri_path = write_image(tmp_path / "mri_0000.nii.gz", mri)
+    report = predict_paths(predictor, [ct_path, mri_path], tmp_path / "out", dataset="phantom", progress=False)
+    assert [p for p, _ in report.warnings] == [ct_path]
+    assert "looks like a CT" in report.warnings[0][1] and len(report.written) == 2

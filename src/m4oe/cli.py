@@ -239,6 +239,8 @@ def predict(
             top = max(weights, key=weights.get)
             detail = ", ".join(f"{m} {w:.2f}" for m, w in weights.items())
             console.print(f"{Path(path).name}: expert {top} dominated (mean gate weight {detail})", highlight=False)
+    for path, text in report.warnings:
+        console.print(f"[yellow]warning[/yellow] {path}: {text}", highlight=False)
     for path, reason in report.failed:
         console.print(f"[red]skipped[/red] {path}: {reason}", highlight=False)
     console.print(f"{len(report.written)} label maps written to {out}", highlight=False)

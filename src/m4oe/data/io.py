@@ -52,6 +52,12 @@ class Geometry:
     def from_dict(cls, values: dict[str, Any]) -> Geometry:
         return cls(tuple(values["spacing"]), tuple(values["origin"]), tuple(values["direction"]))
 
+    def orthonormal(self, tol: float = 1e-6) -> bool:
+        """Whether the direction is a rotation/reflection (what NIfTI can store exactly)."""
+        n = int(round(len(self.direction) ** 0.5))
+        d = np.asarray(self.direction, dtype=float).reshape(n, n)
+        return bool(np.allclose(d @ d.T, np.eye(n), atol=tol))
+
     def mismatch(self, other: Geometry, tol: float = 1e-4) -> str | None:
         """Describe how ``other`` differs (spacing, origin or direction), or None if it matches."""
         for name in ("spacing", "origin", "direction"):

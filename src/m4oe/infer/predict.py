@@ -42,6 +42,7 @@ class Prediction:
     label_values: list[int]  # their values in ``labels``
     expert_weights: dict[str, float] = field(default_factory=dict)  # mean gate weight per expert
     probabilities: np.ndarray | None = None  # [classes, z, y, x] float16, canonical order
+    warnings: list[str] = field(default_factory=list)
 
 
 def mirror_permutation(class_names: list[str]) -> list[int]:
@@ -207,7 +208,22 @@ class Predictor:
         if gate_sum is not None:
             weights = (gate_sum / gate_count).tolist()
             experts = {m: round(w, 4) for m, w in zip(self.model.modalities, weights, strict=True)}
-        return Prediction(values[labels], request["classes"], request["values"], experts, probs_out)
+        warnings = modality_warnings(volume, request["normalization"], self.model.modalities)
+        return Prediction(values[labels], request["classes"], request["values"], experts, probs_out, warnings)
+
+
+def modality_warnings(volume: Volume, normalization: dict, modalities: list[str]) -> list[str]:
+    """A CT (Hounsfield units: much of the volume near -1000, air) given to a model whose
+    normalisation for this request is MRI-style gives labels that mean nothing: say so."""
+    if normalization.get("scheme") != "mri":
+        return []
+    sample = volume.array[:: max(1, volume.array.shape[0] // 8)]
+    if float(np.percentile(sample, 5)) < -500:
+        return [
+            f"this looks like a CT (5th intensity percentile below -500, as air in Hounsfield units) but is "
+            f"normalised as MRI; this model's experts are {modalities}: check --dataset / --modality"
+        ]
+    return []
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -286,6 +302,7 @@ class PredictReport:
     written: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     experts: dict[str, dict[str, float]] = field(default_factory=dict)
+    warnings: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def predict_paths(
@@ -310,6 +327,7 @@ def predict_paths(
     out_dir = Path(out_dir)
     check_output_names(inputs, out_dir)
     outcomes: list[str | tuple[Future, dict]] = []  # per input: why it failed, or (its write, expert weights)
+    report = PredictReport()
     with ThreadPoolExecutor(1, "m4oe-read") as reader, ThreadPoolExecutor(1, "m4oe-write") as writer:
         loading = reader.submit(_load, inputs[0]) if inputs else None
         writing = None
@@ -325,7 +343,7 @@ def predict_paths(
                 wait([writing])  # one result waits behind the one being written, no more
             writing = writer.submit(_write, out_dir / output_name(path), volume, result)
             outcomes.append((writing, result.expert_weights))
-    report = PredictReport()
+            report.warnings += [(path, text) for text in result.warnings]
     for path, outcome in zip(inputs, outcomes, strict=True):
         if isinstance(outcome, str):
             report.failed.append((path, outcome))
@@ -377,6 +395,9 @@ def _load(path: Path) -> Volume:
 
 
 def _write(target: Path, volume: Volume, result: Prediction) -> Path:
+    if not volume.geometry.orthonormal():
+        # NIfTI stores only rotations: ITK would write another direction. MetaImage keeps it exactly.
+        target = target.with_name(target.name.replace(".nii.gz", ".mha"))
     dtype = np.uint8 if max(result.label_values) < 256 else np.uint16
     write_volume(result.labels.astype(dtype), volume.geometry, target, volume.orientation)
     if result.probabilities is not None:
