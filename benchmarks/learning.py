@@ -6,11 +6,13 @@ validated at ``--points`` evenly spaced points (a learning curve). It prints and
 and seed: Dice per dataset at each point, wall time and slices/s (``learning.json``, ``learning.md``).
 
 A variant is ``NAME=PRESET[,key=value,...]``; keys of the ``train:`` section (lr, optimizer, dice,
-batch_size, baseline, ...) go there, any other key is a model override. Examples::
+batch_size, baseline, ...) go there, ``slices`` replaces ``--slices`` for that variant (one model per
+modality at equal total slices: ``slices`` = budget / modalities), any other key is a model
+override. Examples::
 
     python benchmarks/learning.py --cache cache/base128 --slices 14400 --points 4 --seeds 0 1 \\
         --variant m4oe=m4oe-convnext-s --variant dense=convnext-unet-s \\
-        --variant per_modality=convnext-unet-s,baseline=per_modality --out runs/learning
+        --variant per_modality=convnext-unet-s,baseline=per_modality,slices=4800 --out runs/learning
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def parse_variant(text: str) -> tuple[str, str, dict, dict]:
     for pair in pairs:
         key, _, raw = pair.partition("=")
         value = yaml.safe_load(raw)
-        (train if key in TRAIN_KEYS else model)[key] = value
+        (train if key in TRAIN_KEYS or key == "slices" else model)[key] = value
     return name, preset, model, train
 
 
@@ -82,18 +84,20 @@ def main() -> None:
     results = []
     for text in args.variant:
         name, preset, model, train = parse_variant(text)
+        slices = train.pop("slices", args.slices)
         for seed in args.seeds:
             settings = {**base.get("train", {}), "workers": 2, **shared, **train, "seed": seed}
-            settings.update(epochs=args.points, samples_per_epoch=args.slices // args.points, val_every=1)
+            settings.update(epochs=args.points, samples_per_epoch=slices // args.points, val_every=1)
             values = {**base, "model": {"preset": preset, **model}, "train": settings}
             experiment = parse_experiment(values, base_dir=args.config.parent, source=f"{name} seed {seed}")
             out = args.out / f"{name}_seed{seed}"
             started = time.perf_counter()
             run_train(experiment, out, cache_dir=args.cache, progress=False)
             seconds = time.perf_counter() - started
+            models = len(list(out.glob("**/metrics.csv")))  # one per modality for that baseline
             result = {"variant": name, "preset": preset, "model": model, "train": train, "seed": seed,
-                      "slices": args.slices, "seconds": round(seconds, 1),
-                      "slices_per_s": round(args.slices / seconds, 1), "curve": curve(out)}  # fmt: skip
+                      "slices": slices * models, "seconds": round(seconds, 1),
+                      "slices_per_s": round(slices * models / seconds, 1), "curve": curve(out)}  # fmt: skip
             results.append(result)
             print(json.dumps(result), flush=True)
             write(args.out, results)

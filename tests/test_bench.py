@@ -107,3 +107,36 @@ def test_predict_volume_benchmark_quick():
     for row in result["rows"]:
         assert row["seconds"] > 0 and row["model_seconds"] > 0
         assert abs(row["slices_per_s"] - 5 / row["seconds"]) <= 0.1 + 0.01 * row["slices_per_s"]
+
+
+def test_learning_benchmark_writes_curves_for_each_variant(tmp_path):
+    """benchmarks/learning.py: variants side by side, a per-modality baseline at equal total slices."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from .data_helpers import make_dataset
+
+    config = tmp_path / "base.yaml"
+    datasets = [
+        {"path": str(make_dataset(tmp_path / "ct", n=3)), "name": "A", "modality": "CT"},
+        {"path": str(make_dataset(tmp_path / "mr", n=3, modality="MRI")), "name": "B", "modality": "MRI"},
+    ]
+    config.write_text(yaml.safe_dump({"split": {"folds": 3}, "datasets": datasets}))
+    micro = "img_size=32,depths=[0,1,1],embed_dim=8"
+    script = Path(__file__).parents[1] / "benchmarks" / "learning.py"
+    command = [sys.executable, str(script), "--config", str(config), "--cache", str(tmp_path / "cache"),
+               "--slices", "16", "--points", "2", "--train", "batch_size=4,workers=0",
+               "--variant", f"m4oe=m4oe-convnext-s,{micro}",
+               "--variant", f"per_modality=convnext-unet-s,{micro},baseline=per_modality,slices=8",
+               "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "out" / "learning.json").read_text())
+    assert [r["variant"] for r in results] == ["m4oe", "per_modality"]
+    assert [r["slices"] for r in results] == [16, 16]  # two models of 8 slices each: equal total
+    for result in results:
+        assert [p["epoch"] for p in result["curve"]] == [1, 2] and {"A", "B"} <= set(result["curve"][-1])
+    assert (tmp_path / "out" / "learning.md").read_text().startswith("| variant | seed | slices seen | A | B |")
