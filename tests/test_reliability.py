@@ -185,3 +185,15 @@ def test_a_cache_rebuilt_under_a_reader_is_refused(tmp_path):
     prepare(parse_experiment({**values, "split": {"folds": 3, "fold": 2}}), tmp_path / "cache", progress=False)
     with pytest.raises(DataError, match="rebuilt or removed while this run was reading it"):
         cache.read(np.arange(2))  # a loader worker opening the arrays after the rebuild
+
+
+def test_verify_only_reports_validation_cases_that_do_not_exist(tmp_path):
+    from m4oe.data.datasets import DataError
+    from m4oe.data.prepare import check
+
+    data = make_dataset(tmp_path / "ds", n=3)
+    experiment = parse_experiment({"datasets": [{"path": str(data), "modality": "CT",
+                                                 "split": {"val": ["case_001", "case_099"]}}]})  # fmt: skip
+    with pytest.raises(DataError) as info:
+        check(experiment, workers=1, progress=False)
+    assert "split.val names cases that are not in the dataset: ['case_099']" in str(info.value)

@@ -61,6 +61,11 @@ def discover(config: ExperimentConfig, problems: list[str]) -> list[DatasetSourc
     names = [s.name for s in sources if s is not None]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"dataset name {name!r} is used twice; give each dataset a distinct 'name'")
+    for source in sources:
+        if source is not None and source.split.val is not None:
+            unknown = sorted(set(source.split.val) - {c.case_id for c in source.cases})
+            if unknown:
+                problems.append(f"{source.root}: split.val names cases that are not in the dataset: {unknown[:10]}")
     return [s for s in sources if s is not None]
 
 
