@@ -3,6 +3,15 @@
 __version__ = "0.1.0"
 
 from .bundle import BundleError, load_bundle, save_bundle
-from .model import M4oEUNet, create_model
+from .model import ConvNeXtUNet, M4oEUNet, SegmentationModel, create_model
 
-__all__ = ["BundleError", "M4oEUNet", "create_model", "load_bundle", "save_bundle", "__version__"]
+__all__ = [
+    "BundleError",
+    "ConvNeXtUNet",
+    "M4oEUNet",
+    "SegmentationModel",
+    "create_model",
+    "load_bundle",
+    "save_bundle",
+    "__version__",
+]

@@ -25,8 +25,8 @@ from ..data.resample import SlicePlan, fit_slices, unfit_logits
 from ..devices import resolve_device
 from ..files import atomic_write
 from ..memory import keep_freed_memory
+from ..model.base import SegmentationModel
 from ..model.head import class_argmax
-from ..model.unet import M4oEUNet
 
 CPU_BATCH = 8  # m4oe-t on 2 cores, 512^2 CT: batch 8 was 3-6% faster than 16 and needed 2.0 GB, not 3.0
 
@@ -89,7 +89,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: M4oEUNet,
+        model: SegmentationModel,
         device: str | torch.device | None = None,
         batch_size: int | None = None,
         tta: bool = False,

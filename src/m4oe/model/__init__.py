@@ -1,5 +1,7 @@
-"""Models: the M4oE Swin-UNet, its layers and presets."""
+"""Models: the M4oE Swin-UNet and ConvNeXt U-Net, their layers and presets."""
 
+from .base import SegmentationModel
+from .convnext_unet import ConvNeXtUNet
 from .dense_init import init_from_dense
 from .moe import DenseMLP, MoEMLP
 from .presets import PRESETS, create_model, forward_flops, model_info, parameter_counts
@@ -7,6 +9,8 @@ from .unet import M4oEUNet
 
 __all__ = [
     "PRESETS",
+    "ConvNeXtUNet",
+    "SegmentationModel",
     "DenseMLP",
     "M4oEUNet",
     "MoEMLP",

@@ -31,9 +31,9 @@ from ..bundle import load_bundle
 from ..config import ExperimentConfig
 from ..data.loader import SliceCache
 from ..files import write_json
+from ..model.base import SegmentationModel
 from ..model.moe import MoEMLP
 from ..model.presets import build_model
-from ..model.unet import M4oEUNet
 from .common import ensure_cache, experiment_datasets, write_run_config
 from .finetune import SegmentationTask
 from .loop import History, fit, setup_runtime
@@ -42,7 +42,9 @@ from .pretrain import batch_mask, pretrain_mask
 NEW_GATE_BIAS = -4.0  # the new expert starts with a small share of every old token (e^-4 ~ 2%)
 
 
-def grow_model(old: M4oEUNet, modality: str, label_sets: dict[str, list[str]], close_to_old: bool = False) -> M4oEUNet:
+def grow_model(
+    old: SegmentationModel, modality: str, label_sets: dict[str, list[str]], close_to_old: bool = False
+) -> SegmentationModel:
     """A model with one more expert (``modality``) and the new datasets' label sets, old weights in.
 
     With ``close_to_old`` the soft gate never routes old modalities to the new expert.
@@ -86,7 +88,7 @@ def grow_model(old: M4oEUNet, modality: str, label_sets: dict[str, list[str]], c
 
 
 @torch.no_grad()
-def favoured_experts(old: M4oEUNet, images: Tensor) -> list[int]:
+def favoured_experts(old: SegmentationModel, images: Tensor) -> list[int]:
     """Per M4oE layer, the old expert with the largest mean gate weight on ``images`` (soft routing).
 
     The new images have no modality of the old model, so the gates are averaged over the old
@@ -103,7 +105,7 @@ def favoured_experts(old: M4oEUNet, images: Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def init_new_expert(model: M4oEUNet, source_experts: list[int]) -> None:
+def init_new_expert(model: SegmentationModel, source_experts: list[int]) -> None:
     """Copy, layer by layer, the chosen old expert into the new (last) expert."""
     layers = _gated_layers(model)
     if len(layers) != len(source_experts):
@@ -113,7 +115,7 @@ def init_new_expert(model: M4oEUNet, source_experts: list[int]) -> None:
             p[-1] = p[e]
 
 
-def _gated_layers(model: M4oEUNet) -> list[MoEMLP]:
+def _gated_layers(model: SegmentationModel) -> list[MoEMLP]:
     """M4oE layers in the order their gates are returned (encoder first, then decoder as run)."""
     layers = [b.mlp for s in model.encoder for b in s.blocks if isinstance(b.mlp, MoEMLP)]
     for i in reversed(range(len(model.decoder))):
@@ -121,7 +123,7 @@ def _gated_layers(model: M4oEUNet) -> list[MoEMLP]:
     return layers
 
 
-def freeze_old(model: M4oEUNet, old_classes: int, old_experts: int):
+def freeze_old(model: SegmentationModel, old_classes: int, old_experts: int):
     """Freeze everything but the new expert, the new gate row and the new head rows.
 
     Returns the parameters whose frozen slices must get no weight decay, and the gradient-mask hook
@@ -158,8 +160,8 @@ class AddModalityTask(SegmentationTask):
         return self._no_decay
 
 
-def parameters_added(old: M4oEUNet, new: M4oEUNet) -> dict[str, int]:
-    def count(model: M4oEUNet) -> int:
+def parameters_added(old: SegmentationModel, new: SegmentationModel) -> dict[str, int]:
+    def count(model: SegmentationModel) -> int:
         return sum(p.numel() for p in model.parameters())
 
     experts = sum(p[-1].numel() for layer in _gated_layers(new) for p in (layer.w1, layer.b1, layer.w2, layer.b2))
@@ -228,7 +230,9 @@ class NewExpertMAETask:
 
     name = "pretrain-new-expert"
 
-    def __init__(self, model: M4oEUNet, cache: SliceCache, mask_ratio: float, norm_pix_loss: bool, partial) -> None:
+    def __init__(
+        self, model: SegmentationModel, cache: SliceCache, mask_ratio: float, norm_pix_loss: bool, partial
+    ) -> None:
         from ..model.mae import MAEPretrainer
 
         self.model, self.cache, self._partial = model, cache, partial
@@ -249,7 +253,7 @@ class NewExpertMAETask:
         return self._partial
 
 
-def _pretrain_new_expert(model: M4oEUNet, experiment, cache: SliceCache, out: Path, runtime, progress) -> None:
+def _pretrain_new_expert(model: SegmentationModel, experiment, cache: SliceCache, out: Path, runtime, progress) -> None:
     config = experiment.training
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     partial, handles = freeze_old(model, model.head.num_classes, model.num_experts - 1)

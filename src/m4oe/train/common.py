@@ -11,8 +11,8 @@ import yaml
 from ..config import ConfigError, ExperimentConfig, experiment_to_dict
 from ..data.loader import SliceCache
 from ..files import write_text
+from ..model.base import SegmentationModel
 from ..model.presets import create_model, preset_config
-from ..model.unet import M4oEUNet
 from .loop import Runtime, _barrier
 
 
@@ -94,7 +94,7 @@ def _dataset_names(experiment: ExperimentConfig) -> set[str]:
     return {d.name or Path(d.path).name for d in experiment.datasets}
 
 
-def model_for(experiment: ExperimentConfig, cache: SliceCache, datasets: list[str] | None = None) -> M4oEUNet:
+def model_for(experiment: ExperimentConfig, cache: SliceCache, datasets: list[str] | None = None) -> SegmentationModel:
     """The config's model over the cache's modalities and label sets (or a subset of datasets)."""
     names = datasets or cache.dataset_names
     label_sets = {n: cache.label_sets[n] for n in names}
@@ -103,7 +103,9 @@ def model_for(experiment: ExperimentConfig, cache: SliceCache, datasets: list[st
     return create_model(experiment.preset, modalities=modalities, label_sets=label_sets, **experiment.model_overrides)
 
 
-def inference_metadata(cache: SliceCache, model: M4oEUNet, phase: str, train: dict[str, Any]) -> dict[str, Any]:
+def inference_metadata(
+    cache: SliceCache, model: SegmentationModel, phase: str, train: dict[str, Any]
+) -> dict[str, Any]:
     """What ``predict`` needs besides the weights: per-dataset modality, normalisation, label values."""
     datasets = {
         d["name"]: {

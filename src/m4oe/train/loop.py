@@ -36,7 +36,7 @@ from ..data.augment import AugmentConfig, augment_batch
 from ..data.loader import BalancedBatchSampler, SliceCache, make_loader
 from ..devices import resolve_device
 from ..files import replace_dir, save_figure, write_csv, write_json
-from ..model.unet import M4oEUNet
+from ..model.base import SegmentationModel
 
 STATE_FILE = "train_state.pt"
 
@@ -107,7 +107,7 @@ class Divergence:
 class Task(Protocol):
     """What a training phase provides to :func:`fit`."""
 
-    model: M4oEUNet  # saved as the bundle
+    model: SegmentationModel  # saved as the bundle
     module: nn.Module  # optimised (may wrap ``model``)
     name: str
 
@@ -173,7 +173,7 @@ def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float
     return factor
 
 
-def freeze_unused_gates(model: M4oEUNet, routing: str) -> None:
+def freeze_unused_gates(model: SegmentationModel, routing: str) -> None:
     """Without soft routing the gates get no gradient: freeze them (DDP needs every trained
     parameter to be used)."""
     for name, param in model.named_parameters():

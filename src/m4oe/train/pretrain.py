@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from ..config import ExperimentConfig
 from ..data.loader import SliceCache
+from ..model.base import SegmentationModel
 from ..model.mae import MAEPretrainer
-from ..model.unet import M4oEUNet
 from .common import ensure_cache, experiment_datasets, inference_metadata, model_for, write_run_config
 from .loop import History, fit, freeze_unused_gates, setup_runtime
 
@@ -22,7 +22,7 @@ class PretrainTask:
 
     name = "pretrain"
 
-    def __init__(self, model: M4oEUNet, cache: SliceCache, mask_ratio: float, norm_pix_loss: bool) -> None:
+    def __init__(self, model: SegmentationModel, cache: SliceCache, mask_ratio: float, norm_pix_loss: bool) -> None:
         self.model, self.cache = model, cache
         self.module = MAEPretrainer(model, mask_ratio, norm_pix_loss)
         freeze_unused_gates(model, "hard")

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from ..data.loader import SliceCache
+from ..model.base import SegmentationModel
 from ..model.head import class_argmax
-from ..model.unet import M4oEUNet
 
 
 def volume_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> dict[int, float]:
@@ -35,7 +35,7 @@ def _nanmean(values) -> float:
 
 @torch.no_grad()
 def validate(
-    model: M4oEUNet,
+    model: SegmentationModel,
     cache: SliceCache,
     device: torch.device,
     batch_size: int = 32,
