@@ -98,3 +98,18 @@ class SegmentationModel(nn.Module):
                     f"{name} must be a long tensor of shape [{image.shape[0]}], got {ids.dtype} {list(ids.shape)}"
                 )
             check_index_range(name, ids, count)
+
+
+def init_weights(module: nn.Module, layers: tuple[type[nn.Module], ...] = (nn.Linear,), he: bool = False) -> None:
+    """Initialise one module (``model.apply``): weights of ``layers`` truncated normal with std 0.02
+    (Swin, ConvNeXt) or, with ``he``, He normal (nnU-Net); zero biases; LayerNorms the identity."""
+    if isinstance(module, layers):
+        if he:
+            nn.init.kaiming_normal_(module.weight, a=1e-2)
+        else:
+            nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -16,12 +16,14 @@ layer, the gate and the dynamic head are the same modules as there.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import SegmentationModel
+from .base import SegmentationModel, init_weights
 from .head import DynamicHead
 from .swin import DropPath
 
@@ -169,7 +171,7 @@ class ConvNeXtUNet(SegmentationModel):
         levels = range(1, min(3, n - 1)) if cfg.deep_supervision else range(0)
         self.aux_norms = nn.ModuleList(make_norm(cfg.norm, dims[i]) for i in levels)
         self.aux_heads = nn.ModuleList(DynamicHead(dims[i], self.label_mask()) for i in levels)
-        self.apply(_init_weights if cfg.init == "trunc_normal" else _init_kaiming)
+        self.apply(partial(init_weights, layers=(nn.Linear, nn.Conv2d, nn.ConvTranspose2d), he=cfg.init == "kaiming"))
 
     @property
     def bottleneck_stride(self) -> int:
@@ -224,24 +226,3 @@ class ConvNeXtUNet(SegmentationModel):
             ]
             outputs = (*outputs, aux)
         return outputs if len(outputs) > 1 else logits
-
-
-def _init_kaiming(module: nn.Module) -> None:
-    """He initialisation of convolutions and linear layers (as nnU-Net), for ReLU-family nets."""
-    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.kaiming_normal_(module.weight, a=1e-2)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import SegmentationModel
+from .base import SegmentationModel, init_weights
 from .head import DynamicHead
 from .swin import PatchEmbed, PatchExpand, PatchMerging, SwinStage
 
@@ -53,7 +53,7 @@ class M4oEUNet(SegmentationModel):
         self.norm_up = nn.LayerNorm(dims[0])
         self.final_expand = PatchExpand(dims[0], dims[0], cfg.patch_size)
         self.head = DynamicHead(dims[0], self.label_mask())
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @property
     def bottleneck_stride(self) -> int:
@@ -113,13 +113,3 @@ class M4oEUNet(SegmentationModel):
         x, skips = self.encode(image, modality, routing, gates)
         logits = self.head(self.decode(x, skips, modality, routing, gates), dataset)
         return (logits, gates) if return_gates else logits
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
