@@ -19,7 +19,7 @@ from ..files import write_text
 DATA = Path(__file__).parent / "data"
 HELD_OUT = "chaos_21"
 
-FULL = {"pretrain_epochs": 1, "epochs": 8, "samples_per_epoch": 264, "val_every": 8}
+FULL = {"pretrain_epochs": 1, "epochs": 7, "samples_per_epoch": 240, "val_every": 7}
 QUICK = {"pretrain_epochs": 1, "epochs": 2, "samples_per_epoch": 48, "val_every": 2}
 MODEL = {"preset": "m4oe-convnext-s"}
 TRAIN = {"batch_size": 12, "lr": 1e-2, "dice": "batch", "workers": 2, "warmup_epochs": 0.1, "pretrain_lr": 1e-3}
