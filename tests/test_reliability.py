@@ -197,3 +197,21 @@ def test_verify_only_reports_validation_cases_that_do_not_exist(tmp_path):
     with pytest.raises(DataError) as info:
         check(experiment, workers=1, progress=False)
     assert "split.val names cases that are not in the dataset: ['case_099']" in str(info.value)
+
+
+def test_resumed_epoch_counts_the_slices_before_the_interruption(tmp_path):
+    import csv
+
+    data = make_dataset(tmp_path / "ds", n=3)
+    model = {"preset": "tiny", **{k: list(v) if isinstance(v, tuple) else v for k, v in MICRO.items()}}
+    train = {"epochs": 1, "batch_size": 4, "samples_per_epoch": 24, "workers": 0, "val_every": 0,
+             "checkpoint_every": 2}  # fmt: skip
+    experiment = parse_experiment({"model": model, "train": train, "split": {"folds": 3},
+                                   "datasets": [{"path": str(data), "modality": "CT"}]})  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_train(experiment, tmp_path / "run", tmp_path / "cache", progress=False, stop_at_step=5)
+    run_train(experiment, tmp_path / "run", tmp_path / "cache", resume=True, progress=False)
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    # slices/s x seconds = the slices of the whole epoch (24), not only the 8 after the resume
+    assert float(row["slices_per_s"]) * float(row["epoch_seconds"]) == pytest.approx(24, rel=0.05)
