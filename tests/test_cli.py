@@ -79,6 +79,8 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     _assert_one_line(*run_main(monkeypatch, capsys, "prepare", str(config), "-o", str(blocker / "cache")), "a_file")
+    _assert_one_line(*run_main(monkeypatch, capsys, "train", str(config), "-o", str(blocker / "run"),
+                               "--cache", str(tmp_path / "c")), "a_file")  # fmt: skip
 
 
 def test_predict_bad_routing_and_debug_traceback(tmp_path, monkeypatch, capsys):
