@@ -84,13 +84,12 @@ def test_stale_checkpoint_temporaries_are_removed_live_ones_kept(tmp_path):
     assert live.exists() and (tmp_path / "last").exists() and not dead.exists()
 
 
-def test_bundle_files_are_readable_by_others(tmp_path):
-    previous = os.umask(0o022)
-    try:
-        model = create_model("tiny", modalities=MODALITIES, label_sets=LABEL_SETS, **MICRO)
-        bundle = save_bundle(model, tmp_path / "bundle")
-    finally:
-        os.umask(previous)
+def test_bundle_files_are_readable_by_others(tmp_path, monkeypatch):
+    from m4oe import files
+
+    monkeypatch.setattr(files, "_UMASK", 0o022)  # the umask read at import, as a typical shell sets it
+    model = create_model("tiny", modalities=MODALITIES, label_sets=LABEL_SETS, **MICRO)
+    bundle = save_bundle(model, tmp_path / "bundle")
     for name in ("model.safetensors", "config.json"):
         assert stat.S_IMODE((bundle / name).stat().st_mode) == 0o644, name
 

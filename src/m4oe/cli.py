@@ -434,13 +434,13 @@ def main() -> None:
     import sys
 
     global DEBUG
-    debug = DEBUG = "--debug" in sys.argv[1:]
-    if debug:
+    DEBUG = "--debug" in sys.argv[1:]
+    if DEBUG:
         sys.argv.remove("--debug")
     try:
         app()
     except Exception as err:  # anything a command did not turn into a message itself
-        if debug:
+        if DEBUG:
             raise
         console.print(f"[red]error:[/red] {_one_line(err)}", highlight=False)
         sys.exit(1)

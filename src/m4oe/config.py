@@ -332,11 +332,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         counts = ("epochs", "batch_size", "workers", "pretrain_epochs", "val_every", "checkpoint_every", "seed")
-        for name in (*counts, "samples_per_epoch"):
+        optional = ("samples_per_epoch",)  # None: the number of training slices
+        for name in (*counts, *optional):
             value = getattr(self, name)
-            if (value is not None or name != "samples_per_epoch") and (
-                not isinstance(value, int) or isinstance(value, bool)
-            ):
+            if value is None and name in optional:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"train.{name} must be a whole number, got {value!r}")
         positive = ("epochs", "batch_size", "lr", "workers", "pretrain_epochs", "pretrain_lr")
         for name in positive:

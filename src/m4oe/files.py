@@ -31,17 +31,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     try:
         write(tmp)
         # some writers (safetensors) create private 0600 files: give the usual umask-based mode
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: done once, at import
     os.umask(mask)
     return mask
+
+
+# read at import, not per write: setting the process-wide umask while writer threads create files races
+_UMASK = _read_umask()
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

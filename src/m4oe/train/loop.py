@@ -57,7 +57,10 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
         stem, _, pid = path.name.rpartition("-")
         if not (stem.endswith((".tmp", ".old")) and pid.isdigit()) or _alive(int(pid)):
             continue
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
         removed.append(path)
     return removed
 
