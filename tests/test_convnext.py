@@ -182,3 +182,46 @@ def test_deep_supervision_loss_weights_and_subsampled_targets():
     half = segmentation_loss(coarse, target[:, 0::2, 0::2], classes)[0]
     loss, _ = deep_supervision_loss(logits, [coarse], target, classes)
     assert loss.item() == pytest.approx((full.item() + 0.5 * half.item()) / 1.5, rel=1e-6)
+
+
+def _batch_dice_loop(probs, target, classes, dataset):
+    """Reference: for each dataset in the batch and each of its foreground classes, the Dice of
+    the class summed over that dataset's samples; the mean over those pairs."""
+    scores = []
+    for d in sorted(set(dataset.tolist())):
+        rows = [i for i in range(len(dataset)) if dataset[i] == d]
+        for k in range(1, probs.shape[1]):
+            if not classes[rows[0], k]:
+                continue
+            inter = sum(float((probs[i, k] * (target[i] == k)).sum()) for i in rows)
+            size = sum(float(probs[i, k].sum() + (target[i] == k).sum()) for i in rows)
+            scores.append((2 * inter + 1e-5) / (size + 1e-5))
+    return sum(scores) / len(scores)
+
+
+def test_batch_dice_is_taken_within_each_dataset():
+    torch.manual_seed(0)
+    probs = torch.randn(7, 5, 6, 6).softmax(1)
+    target = torch.randint(0, 5, (7, 6, 6))
+    dataset = torch.tensor([2, 0, 2, 1, 0, 2, 1])
+    own = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    classes = own[dataset]
+    target = torch.where(classes.gather(1, target.flatten(1)).view_as(target), target, 0)
+    expected = _batch_dice_loop(probs, target, classes, dataset)
+    assert soft_dice_batch(probs, target, classes, dataset).item() == pytest.approx(expected, rel=1e-5)
+    # pooling class 2 over the datasets (the old behaviour) gives another value
+    assert soft_dice_batch(probs, target, classes).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_batch_dice_of_a_poorly_segmented_dataset_is_not_hidden_by_another():
+    # class 1 is perfect on dataset 0's large organ and missed on dataset 1's small one
+    probs = torch.zeros(2, 2, 4, 4)
+    target = torch.zeros(2, 4, 4, dtype=torch.long)
+    target[0, :, :3] = 1  # 12 pixels, predicted
+    target[1, 0, 0] = 1  # 1 pixel, missed
+    probs[:, 0] = 1.0
+    probs[0, 0, :, :3], probs[0, 1, :, :3] = 0.0, 1.0
+    classes = torch.ones(2, 2, dtype=torch.bool)
+    per_dataset = soft_dice_batch(probs, target, classes, torch.tensor([0, 1]))
+    assert per_dataset.item() == pytest.approx((1.0 + 0.0) / 2, abs=1e-4)
+    assert soft_dice_batch(probs, target, classes).item() == pytest.approx(24 / 25, abs=1e-4)

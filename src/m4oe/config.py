@@ -232,6 +232,7 @@ def build_vocabulary(label_sets: dict[str, list[str]]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 NORMALIZATION_SCHEMES = ("ct", "mri", "none")
+FLIP_AXES = ("x", "y")  # in-plane axes of a canonical (LPS) slice: right-left, anterior-posterior
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,10 @@ class DatasetConfig:
         cases: restrict to these case ids; ``max_cases``: to the first N (sorted) cases.
         weight: relative sampling weight of the dataset (default 1: datasets balanced).
         split: per-dataset split; default: the experiment's ``split``.
+        flip: in-plane axes to reverse after reorientation, for files whose header direction
+            contradicts their anatomy: ``x`` (right-left), ``y`` (anterior-posterior). The same flip
+            is applied when predicting with ``--dataset`` of this name, and undone on the output.
+            BTCV's files, for one, store posterior where their header says anterior.
     """
 
     path: str
@@ -291,6 +296,7 @@ class DatasetConfig:
     max_cases: int | None = None
     weight: float = 1.0
     split: SplitConfig | None = None
+    flip: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -318,7 +324,7 @@ class TrainConfig:
     foreground_fraction: float = 0.33
     ce_weight: float = 1.0
     dice_weight: float = 1.0
-    dice: str = "sample"  # sample: soft Dice per sample, averaged | batch: nnU-Net's batch Dice
+    dice: str = "sample"  # sample: soft Dice per sample, averaged | batch: nnU-Net's batch Dice within each dataset
     optimizer: str = "adamw"  # adamw | sgd (Nesterov, momentum 0.99, as nnU-Net)
     schedule: str = "cosine"  # cosine | poly (nnU-Net's (1 - step/steps)^0.9), after the warm-up
     augment: bool = True
@@ -396,7 +402,8 @@ class ExperimentConfig:
 
 
 _DATASET_KEYS = {
-    "path", "modality", "name", "normalization", "label_map", "labels", "cases", "max_cases", "weight", "split"
+    "path", "modality", "name", "normalization", "label_map", "labels", "cases", "max_cases", "weight", "split",
+    "flip",
 }  # fmt: skip
 _SPLIT_KEYS = {"folds", "fold", "seed", "group_pattern", "val"}
 _TOP_KEYS = {"datasets", "model", "split", "train", "run"}  # run: what a run folder's config.yaml records
@@ -465,6 +472,9 @@ def _parse_dataset(values: Any, index: int, split: SplitConfig, base_dir: Path) 
     weight = float(_expect(values.get("weight", 1.0), (int, float), f"{where}.weight"))
     if not weight > 0:
         raise ConfigError(f"{where}.weight must be positive, got {weight}")
+    flip = tuple(str(a) for a in _expect(values.get("flip", []), list, f"{where}.flip"))
+    if not set(flip) <= set(FLIP_AXES) or len(set(flip)) != len(flip):
+        raise ConfigError(f"{where}.flip must list distinct in-plane axes among {list(FLIP_AXES)}, got {list(flip)}")
     return DatasetConfig(
         path=str(path),
         modality=_expect(values["modality"], str, f"{where}.modality") if "modality" in values else None,
@@ -476,6 +486,7 @@ def _parse_dataset(values: Any, index: int, split: SplitConfig, base_dir: Path) 
         max_cases=max_cases,
         weight=weight,
         split=_parse_split(values.get("split"), f"{where}.split", split) if "split" in values else split,
+        flip=flip,
     )
 
 
@@ -523,6 +534,8 @@ def experiment_to_dict(experiment: ExperimentConfig) -> dict[str, Any]:
         if not d.labeled:
             entry["labels"] = "none"
         entry["weight"] = d.weight
+        if d.flip:
+            entry["flip"] = list(d.flip)
         if d.split != experiment.split:
             entry["split"] = split_dict(d.split)
         datasets.append(entry)

@@ -46,6 +46,7 @@ class DatasetSource:
     weight: float
     split: SplitConfig
     cases: list[Case] = field(default_factory=list)
+    flip: tuple[str, ...] = ()  # in-plane axes reversed after reorientation (a header that contradicts the anatomy)
 
     @property
     def label_names(self) -> list[str]:
@@ -214,6 +215,7 @@ def open_dataset(config: DatasetConfig, problems: list[str]) -> DatasetSource | 
         weight=config.weight,
         split=config.split or SplitConfig(),
         cases=cases,
+        flip=tuple(config.flip),
     )
 
 

@@ -170,6 +170,15 @@ def read_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
     return Volume(sitk.GetArrayFromImage(image), geometry, orientation, (spacing[2], spacing[1], spacing[0]))
 
 
+def flip_in_plane(array: np.ndarray, axes: list[str] | tuple[str, ...]) -> np.ndarray:
+    """``array [..., y, x]`` (canonical order) reversed along the named in-plane axes (``x``, ``y``);
+    its own inverse. Returns ``array`` itself when ``axes`` is empty."""
+    if not axes:
+        return array
+    dims = tuple({"x": -1, "y": -2}[a] for a in axes)
+    return np.ascontiguousarray(np.flip(array, dims))
+
+
 def from_canonical(array: np.ndarray, geometry: Geometry, orientation: str):
     """Undo the reorientation of :func:`read_volume`: an ``LPS``-order array as an image with ``geometry``."""
     import SimpleITK as sitk

@@ -101,6 +101,8 @@ def dataset_fingerprint(source: DatasetSource) -> str:
         "split": [s.split.folds, s.split.fold, s.split.seed, s.split.group_pattern, s.split.val],
         "cases": [[c.case_id, stat(c.image), stat(c.label)] for c in s.cases],
     }
+    if s.flip:  # only when set, so that caches prepared before the option existed stay valid
+        payload["flip"] = list(s.flip)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -169,14 +171,14 @@ def _check_case(task: dict[str, Any]) -> dict[str, Any]:
 def _write_case(task: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from .io import read_volume
+    from .io import flip_in_plane, read_volume
     from .resample import SlicePlan, fit_slices
 
     image = read_volume(task["image"])
     plan = SlicePlan.fit(image.array.shape[1:], image.spacing_zyx[1:], task["size"])
-    slices = fit_slices(normalize(image.array, task["stats"]), plan).numpy()
+    slices = fit_slices(normalize(flip_in_plane(image.array, task["flip"]), task["stats"]), plan).numpy()
     if task["label"] is not None:
-        label = read_volume(task["label"]).array.astype(np.int64)
+        label = flip_in_plane(read_volume(task["label"]).array, task["flip"]).astype(np.int64)
         lut = np.asarray(task["lut"], dtype=np.uint8)
         label_slices = fit_slices(torch.from_numpy(lut[label]), plan, is_label=True).numpy().astype(np.uint8)
     else:
@@ -346,6 +348,7 @@ def prepare(
                     "label": str(case.label) if case.label is not None else None,
                     "lut": lut.tolist(),
                     "stats": stats[source.name],
+                    "flip": list(source.flip),
                     "size": size,
                     "storage": storage,
                     "start": int(starts[i]),
@@ -398,6 +401,7 @@ def _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary
             "label_map": s.label_map,
             "normalization": stats[s.name],
             "weight": s.weight,
+            "flip": list(s.flip),
             "fingerprint": dataset_fingerprint(s),
             "split": {
                 "folds": s.split.folds,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import ROUTING_MODES
-from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, read_volume, write_volume
+from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, flip_in_plane, read_volume, write_volume
 from ..data.normalize import normalize
 from ..data.resample import SlicePlan, fit_slices, unfit_logits
 from ..devices import resolve_device
@@ -156,19 +156,22 @@ class Predictor:
             "class_index": [model.class_names.index(c) for c in classes],
             "classes": classes,
             "values": values,
+            # a flip describes the files of a training dataset: applied when the request names it
+            "flip": list(info.get("flip", [])) if dataset is not None else [],
         }
 
-    def prepare(self, volume: Volume, normalization: dict) -> tuple[torch.Tensor, SlicePlan]:
-        """The model input of a volume, ``[Z, size, size]`` on the host, and the plan to map results back."""
+    def prepare(self, volume: Volume, normalization: dict, flip: list[str] | None = None) -> tuple[torch.Tensor, SlicePlan]:
+        """The model input of a volume, ``[Z, size, size]`` on the host, and the plan to map results back
+        (``flip``: the in-plane axes the request's dataset reverses, see ``DatasetConfig.flip``)."""
         plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size)
-        return fit_slices(normalize(volume.array, normalization), plan), plan
+        return fit_slices(normalize(flip_in_plane(volume.array, flip or []), normalization), plan), plan
 
     @torch.no_grad()
     def predict_volume(
         self, volume: Volume, dataset: str | None = None, modality: str | None = None, probabilities: bool = False
     ) -> Prediction:
         request = self.resolve(dataset, modality)
-        slices, plan = self.prepare(volume, request["normalization"])
+        slices, plan = self.prepare(volume, request["normalization"], request["flip"])
         class_index = torch.tensor(request["class_index"], device=self.device)
         Z = slices.shape[0]
         few = len(class_index) <= 256  # class indices in one byte: a 100 x 512^2 map is 26 MB, not 210
@@ -201,6 +204,9 @@ class Predictor:
             if probs_out is not None:
                 p = scores if self.tta else scores.softmax(1)
                 probs_out[:, start : start + b] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
+        labels = flip_in_plane(labels, request["flip"])  # back to the file's own orientation
+        if probs_out is not None:
+            probs_out = flip_in_plane(probs_out, request["flip"])
         if self.keep_largest:
             labels = keep_largest_components(labels)
         values = np.asarray(request["values"], dtype=np.uint8 if max(request["values"]) < 256 else np.int32)

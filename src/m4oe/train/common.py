@@ -112,6 +112,7 @@ def inference_metadata(
             "modality": d["modality"],
             "normalization": d["normalization"],
             "label_values": d["label_values"],
+            "flip": d.get("flip", []),
         }
         for d in cache.meta["datasets"]
         if d["name"] in model.label_sets

@@ -57,7 +57,7 @@ class SegmentationTask:
         modality = self.modality_lut[batch["modality"]]
         classes = self.model.head.label_mask[dataset]
         target = self.class_lut[batch["label"]]
-        weights = {"ce_weight": self.ce_weight, "dice_weight": self.dice_weight, "dice": self.dice}
+        weights = {"ce_weight": self.ce_weight, "dice_weight": self.dice_weight, "dice": self.dice, "dataset": dataset}
         if self.model.config.deep_supervision:
             logits, aux = module(batch["image"], modality, dataset, routing=self.routing, deep_supervision=True)
             return deep_supervision_loss(logits, aux, target, classes, **weights)
