@@ -97,3 +97,47 @@ def test_prediction_applies_the_dataset_flip_and_undoes_it(tmp_path):
     # without --dataset the request is not that dataset's files: nothing is flipped
     plain = Predictor(model).predict_volume(read_volume(path), None, "CT").labels
     assert (plain == 0).all()
+
+
+def _three_organs(mirrored: bool) -> np.ndarray:
+    """4 slices of 20 x 20: organ 1 at the top, 2 in the middle, 3 at the bottom (reversed if mirrored)."""
+    labels = np.zeros((4, 20, 20), np.uint8)
+    rows = [(2, 5), (8, 11), (14, 17)]
+    for k, (r0, r1) in enumerate(reversed(rows) if mirrored else rows, start=1):
+        labels[:, r0:r1, 2 + 5 * k : 5 + 5 * k] = k
+    return labels
+
+
+def test_mirrored_datasets_are_reported():
+    from m4oe.data.prepare import mirrored_datasets, organ_positions
+
+    vocabulary = ["background", "liver", "kidney", "spleen"]
+    labels = np.concatenate([_three_organs(False), _three_organs(True), _three_organs(False)])
+    owner = np.repeat([0, 1, 2], 4)
+    positions = organ_positions(labels, owner, 3, 4)
+    # organ 1 fills rows 2-4 and columns 7-9, read at even pixels: rows 2 and 4, column 8
+    assert positions[0, 1] == pytest.approx([3.0 / 20, 8.0 / 20])
+    assert np.isnan(positions[:, 0]).sum() == 0 and np.isnan(organ_positions(labels, owner, 4, 5)[3]).all()
+    warnings = mirrored_datasets(labels, owner, ["A", "B", "C"], vocabulary)
+    assert len(warnings) == 2  # A-B and B-C along y; A-C agree; x agrees everywhere
+    assert all("anterior-posterior" in w and "flip: [y]" in w for w in warnings)
+    assert warnings[0].startswith("A and B share liver, kidney, spleen")
+    # two shared organs are not enough to tell
+    assert mirrored_datasets(np.where(labels == 3, 0, labels), owner, ["A", "B", "C"], vocabulary) == []
+
+
+@pytest.mark.shared_data
+def test_prepare_reports_btcv_mirrored_against_chaos_until_flipped(tmp_path):
+    from .conftest import SHARED_DATA
+
+    def config(flip):
+        return parse_experiment({"datasets": [
+            {"path": str(SHARED_DATA / "Dataset001_BTCV"), "name": "BTCV", "modality": "CT", "max_cases": 2,
+             "flip": flip},
+            {"path": str(SHARED_DATA / "Dataset002_CHAOS_T2"), "name": "CHAOS", "modality": "MRI", "max_cases": 2},
+        ]})  # fmt: skip
+
+    plain = prepare(config([]), tmp_path / "plain", img_size=32, workers=1, progress=False)
+    assert len(plain.warnings) == 1 and "BTCV and CHAOS" in plain.warnings[0] and "flip: [y]" in plain.warnings[0]
+    assert prepare(config([]), tmp_path / "plain", img_size=32, workers=1, progress=False).warnings == plain.warnings
+    assert prepare(config(["y"]), tmp_path / "flipped", img_size=32, workers=1, progress=False).warnings == []

@@ -90,6 +90,8 @@ def prepare(
         f"{result.size_bytes / 2**20:.1f} MiB ({state})",
         highlight=False,
     )
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
 def _load(config: Path, epochs: int | None = None, pretrain_epochs: int | None = None):

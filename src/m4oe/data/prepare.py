@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ class PrepareResult:
     size_bytes: int
     up_to_date: bool
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,9 +315,9 @@ def prepare(
         except json.JSONDecodeError:
             meta = {}
         if meta.get("complete") and meta.get("fingerprint") == fingerprint:
-            return PrepareResult(
-                out, meta["num_slices"], len(meta["cases"]), _size(out), True, time.perf_counter() - started
-            )
+            seconds = time.perf_counter() - started
+            cases, warnings = len(meta["cases"]), meta.get("warnings", [])
+            return PrepareResult(out, meta["num_slices"], cases, _size(out), True, seconds, warnings)
 
     sources, checks = check(config, workers, progress)
     stats = _statistics(sources, checks)
@@ -360,12 +361,68 @@ def prepare(
         meta = _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary, modalities)
         meta.update(format=CACHE_FORMAT, img_size=size, storage=storage, num_slices=total, fingerprint=fingerprint)
         _write_index(tmp / "index.npz", sources, pairs, written, counts, modalities)
+        labels = np.load(labels_path, mmap_mode="r")
+        slice_dataset = np.repeat([[s.name for s in sources].index(s.name) for s, _ in pairs], counts)
+        meta["warnings"] = mirrored_datasets(labels, slice_dataset, [s.name for s in sources], vocabulary)
+        del labels
         meta["complete"] = True
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return PrepareResult(out, total, len(pairs), _size(out), False, time.perf_counter() - started)
+    return PrepareResult(out, total, len(pairs), _size(out), False, time.perf_counter() - started, meta["warnings"])
+
+
+AXES = {"y": "anterior-posterior", "x": "right-left"}
+
+
+def organ_positions(labels: np.ndarray, slice_dataset: np.ndarray, datasets: int, classes: int) -> np.ndarray:
+    """Mean position of every class in every dataset's slices, as a fraction of the slice side:
+    ``[datasets, classes, 2]`` (y, x), NaN where a dataset has no pixel of the class. Every second
+    pixel of every slice is enough for a mean."""
+    size = labels.shape[-1]
+    grid = np.arange(0, size, 2, dtype=np.float64) / size
+    sums = np.zeros((datasets, 3, classes))  # count, sum of y, sum of x
+    for start in range(0, labels.shape[0], 256):
+        chunk = np.asarray(labels[start : start + 256, ::2, ::2])
+        owner = slice_dataset[start : start + 256]
+        for d in np.unique(owner):
+            part = chunk[owner == d].reshape(-1, grid.size, grid.size)
+            flat = part.reshape(-1).astype(np.int64)
+            ys = np.broadcast_to(grid[None, :, None], part.shape).reshape(-1)
+            xs = np.broadcast_to(grid[None, None, :], part.shape).reshape(-1)
+            sums[d, 0] += np.bincount(flat, minlength=classes)[:classes]
+            sums[d, 1] += np.bincount(flat, weights=ys, minlength=classes)[:classes]
+            sums[d, 2] += np.bincount(flat, weights=xs, minlength=classes)[:classes]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sums[:, :1] > 0, sums[:, 1:] / sums[:, :1], np.nan).transpose(0, 2, 1)
+
+
+def mirrored_datasets(labels: np.ndarray, slice_dataset: np.ndarray, names: list[str], vocabulary: list[str],
+                      min_shared: int = 3) -> list[str]:  # fmt: skip
+    """Warnings for pairs of datasets whose shared organs lie in mirrored order along an axis of the
+    canonical slice (their positions anti-correlated), the mark of a header that contradicts the
+    anatomy in one of them. Needs at least ``min_shared`` organs labelled in both."""
+    positions = organ_positions(labels, slice_dataset, len(names), len(vocabulary))
+    warnings = []
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            shared = [k for k in range(1, len(vocabulary)) if not np.isnan(positions[[a, b], k]).any()]
+            if len(shared) < min_shared:
+                continue
+            for axis, (name, words) in enumerate(AXES.items()):
+                pa, pb = positions[a, shared, axis], positions[b, shared, axis]
+                if pa.std() < 0.02 or pb.std() < 0.02:
+                    continue
+                corr = float(np.corrcoef(pa, pb)[0, 1])
+                if corr < -0.5:
+                    organs = ", ".join(vocabulary[k] for k in shared)
+                    warnings.append(
+                        f"{names[a]} and {names[b]} share {organs}, but their order along {name} ({words}) is "
+                        f"mirrored (correlation {corr:.2f}): if one dataset's headers contradict its anatomy, "
+                        f"give it 'flip: [{name}]' in the config"
+                    )
+    return warnings
 
 
 def _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary, modalities) -> dict[str, Any]:

@@ -160,7 +160,9 @@ class Predictor:
             "flip": list(info.get("flip", [])) if dataset is not None else [],
         }
 
-    def prepare(self, volume: Volume, normalization: dict, flip: list[str] | None = None) -> tuple[torch.Tensor, SlicePlan]:
+    def prepare(
+        self, volume: Volume, normalization: dict, flip: list[str] | None = None
+    ) -> tuple[torch.Tensor, SlicePlan]:
         """The model input of a volume, ``[Z, size, size]`` on the host, and the plan to map results back
         (``flip``: the in-plane axes the request's dataset reverses, see ``DatasetConfig.flip``)."""
         plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ def ensure_cache(
     cache_dir = Path(cache_dir or default_cache_dir(experiment))
     img_size = img_size or preset_config(experiment.preset, **experiment.model_overrides).img_size
     if runtime.main and not _reuse_as_is(experiment, cache_dir):
-        prepare(experiment, cache_dir, img_size=img_size, progress=progress)
+        result = prepare(experiment, cache_dir, img_size=img_size, progress=progress)
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     _barrier(runtime)
     cache = SliceCache(cache_dir)
     if cache.img_size != img_size:
