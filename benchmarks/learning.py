@@ -49,15 +49,19 @@ def parse_variant(text: str) -> tuple[str, str, dict, dict]:
 
 
 def curve(run: Path) -> list[dict]:
-    """Validation rows of a run's metrics.csv (every per-modality sub-run merged by epoch)."""
+    """Validation rows of a run's metrics.csv (every per-modality sub-run merged by epoch), with the
+    training seconds up to each point (validation excluded; the sub-runs' seconds added up)."""
     files = sorted(run.glob("**/metrics.csv"))
     points: dict[int, dict] = {}
     for path in files:
+        elapsed = 0.0
         with open(path) as f:
             for row in csv.DictReader(f):
+                elapsed += float(row["epoch_seconds"])
                 if not row.get("val_dice"):
                     continue
-                point = points.setdefault(int(row["epoch"]), {"epoch": int(row["epoch"])})
+                point = points.setdefault(int(row["epoch"]), {"epoch": int(row["epoch"]), "seconds": 0.0})
+                point["seconds"] = round(point["seconds"] + elapsed, 2)
                 for key, value in row.items():
                     if key.startswith("val_dice_") and value:
                         point[key.removeprefix("val_dice_")] = float(value)
@@ -106,10 +110,10 @@ def main() -> None:
 def write(out: Path, results: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "learning.json").write_text(json.dumps(results, indent=2))
-    datasets = sorted({k for r in results for p in r["curve"] for k in p if k != "epoch"})
+    datasets = sorted({k for r in results for p in r["curve"] for k in p if k not in ("epoch", "seconds")})
     lines = [
-        "| variant | seed | slices seen | " + " | ".join(datasets) + " | wall s | slices/s |",
-        "|---|---:|---:|" + "---:|" * len(datasets) + "---:|---:|",
+        "| variant | seed | slices seen | training s | " + " | ".join(datasets) + " | wall s | slices/s |",
+        "|---|---:|---:|---:|" + "---:|" * len(datasets) + "---:|---:|",
     ]
     for r in results:
         points = len(r["curve"])
@@ -117,8 +121,29 @@ def write(out: Path, results: list[dict]) -> None:
             seen = r["slices"] * point["epoch"] // max(p["epoch"] for p in r["curve"])
             cells = " | ".join(f"{point.get(d, float('nan')):.3f}" for d in datasets)
             timing = f"{r['seconds']} | {r['slices_per_s']}" if i == points - 1 else " | "
-            lines.append(f"| {r['variant']} | {r['seed']} | {seen} | {cells} | {timing} |")
+            lines.append(f"| {r['variant']} | {r['seed']} | {seen} | {point.get('seconds', '')} | {cells} | {timing} |")
+    lines += ["", *summary(results, datasets)]
     (out / "learning.md").write_text("\n".join(lines) + "\n")
+
+
+def summary(results: list[dict], datasets: list[str]) -> list[str]:
+    """Per variant, the last point averaged over seeds, with the spread (max - min) between seeds."""
+    lines = [
+        "| variant | seeds | " + " | ".join(f"{d} (spread)" for d in datasets) + " | training s |",
+        "|---|---:|" + "---:|" * len(datasets) + "---:|",
+    ]
+    for name in dict.fromkeys(r["variant"] for r in results):
+        last = [r["curve"][-1] for r in results if r["variant"] == name and r["curve"]]
+        if not last:
+            continue
+        cells = []
+        for d in datasets:
+            values = [p[d] for p in last if d in p]
+            spread = max(values) - min(values) if len(values) > 1 else float("nan")
+            cells.append(f"{sum(values) / len(values):.3f} ({spread:.3f})" if values else "")
+        seconds = sum(p.get("seconds", 0.0) for p in last) / len(last)
+        lines.append(f"| {name} | {len(last)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -139,4 +139,35 @@ def test_learning_benchmark_writes_curves_for_each_variant(tmp_path):
     assert [r["slices"] for r in results] == [16, 16]  # two models of 8 slices each: equal total
     for result in results:
         assert [p["epoch"] for p in result["curve"]] == [1, 2] and {"A", "B"} <= set(result["curve"][-1])
-    assert (tmp_path / "out" / "learning.md").read_text().startswith("| variant | seed | slices seen | A | B |")
+    for result in results:
+        seconds = [p["seconds"] for p in result["curve"]]
+        assert 0 < seconds[0] <= seconds[1]
+    text = (tmp_path / "out" / "learning.md").read_text()
+    assert text.startswith("| variant | seed | slices seen | training s | A | B |")
+    assert "| variant | seeds | A (spread) | B (spread) | training s |" in text
+
+
+def _learning_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "learning.py"
+    spec = importlib.util.spec_from_file_location("learning_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_curve_seconds_and_seed_summary_by_hand(tmp_path):
+    learning = _learning_module()
+    header = "epoch,step,loss,epoch_seconds,val_dice,val_dice_A\n"
+    (tmp_path / "CT").mkdir()
+    (tmp_path / "MRI").mkdir()
+    (tmp_path / "CT" / "metrics.csv").write_text(header + "1,5,1.0,10.0,,\n2,10,0.9,12.0,0.5,0.5\n")
+    (tmp_path / "MRI" / "metrics.csv").write_text(header + "1,5,1.0,3.0,,\n2,10,0.9,4.0,0.2,\n")
+    # one point (epoch 2) after 10 + 12 s of the CT model and 3 + 4 s of the MRI model
+    assert learning.curve(tmp_path) == [{"epoch": 2, "seconds": 29.0, "A": 0.5}]
+    results = [{"variant": "v", "curve": [{"epoch": 1, "seconds": 10.0, "A": 0.4}]},
+               {"variant": "v", "curve": [{"epoch": 1, "seconds": 14.0, "A": 0.7}]}]  # fmt: skip
+    lines = learning.summary(results, ["A"])
+    assert lines[-1] == "| v | 2 | 0.550 (0.300) | 12 |"
