@@ -50,7 +50,7 @@ def experiment(args: argparse.Namespace):
         "epochs": args.points,
         "samples_per_epoch": per_epoch,
         "val_every": 1,
-        "pretrain_epochs": max(1, args.pretrain_slices // per_epoch),
+        "pretrain_epochs": max(1, round(args.pretrain_slices / per_epoch)),
     }
     return parse_experiment(values, base_dir=BASE.parent, source=str(BASE))
 
@@ -123,8 +123,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache", type=Path, help="slice cache folder (default: OUT/cache)")
     parser.add_argument("--data", type=Path, help="folder holding the Dataset00X folders (default: base.yaml's)")
-    parser.add_argument("--slices", type=int, default=36000, help="phase-2 training slices")
-    parser.add_argument("--pretrain-slices", type=int, default=3600, help="phase-1 (MAE) slices")
+    parser.add_argument("--slices", type=int, default=34800, help="phase-2 training slices")
+    parser.add_argument(
+        "--pretrain-slices",
+        type=int,
+        default=5800,
+        help="phase-1 (MAE) slices, in whole epochs of the phase-2 epoch size (at least one)",
+    )
     parser.add_argument("--points", type=int, default=6, help="validations along phase 2")
     parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
