@@ -232,7 +232,7 @@ def build_vocabulary(label_sets: dict[str, list[str]]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 NORMALIZATION_SCHEMES = ("ct", "mri", "none")
-FLIP_AXES = ("x", "y")  # in-plane axes of a canonical (LPS) slice: right-left, anterior-posterior
+FLIP_AXES = {"x": "right-left", "y": "anterior-posterior"}  # in-plane axes of a canonical (LPS) slice
 
 
 @dataclass(frozen=True)

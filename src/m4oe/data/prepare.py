@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ExperimentConfig, build_vocabulary
+from ..config import FLIP_AXES, ExperimentConfig, build_vocabulary
 from ..files import replace_dir
 from .datasets import Case, DataError, DatasetSource, assign_folds, open_dataset
 from .normalize import ct_statistics, normalize, sample_foreground, scheme_statistics
@@ -361,8 +361,9 @@ def prepare(
         meta = _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary, modalities)
         meta.update(format=CACHE_FORMAT, img_size=size, storage=storage, num_slices=total, fingerprint=fingerprint)
         _write_index(tmp / "index.npz", sources, pairs, written, counts, modalities)
+        with np.load(tmp / "index.npz") as index:
+            slice_dataset = index["dataset"]
         labels = np.load(labels_path, mmap_mode="r")
-        slice_dataset = np.repeat([[s.name for s in sources].index(s.name) for s, _ in pairs], counts)
         meta["warnings"] = mirrored_datasets(labels, slice_dataset, [s.name for s in sources], vocabulary)
         del labels
         meta["complete"] = True
@@ -371,9 +372,6 @@ def prepare(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult(out, total, len(pairs), _size(out), False, time.perf_counter() - started, meta["warnings"])
-
-
-AXES = {"y": "anterior-posterior", "x": "right-left"}
 
 
 def organ_positions(labels: np.ndarray, slice_dataset: np.ndarray, datasets: int, classes: int) -> np.ndarray:
@@ -410,7 +408,7 @@ def mirrored_datasets(labels: np.ndarray, slice_dataset: np.ndarray, names: list
             shared = [k for k in range(1, len(vocabulary)) if not np.isnan(positions[[a, b], k]).any()]
             if len(shared) < min_shared:
                 continue
-            for axis, (name, words) in enumerate(AXES.items()):
+            for name, axis in (("y", 0), ("x", 1)):  # the order of organ_positions' last axis
                 pa, pb = positions[a, shared, axis], positions[b, shared, axis]
                 if pa.std() < 0.02 or pb.std() < 0.02:
                     continue
@@ -418,9 +416,9 @@ def mirrored_datasets(labels: np.ndarray, slice_dataset: np.ndarray, names: list
                 if corr < -0.5:
                     organs = ", ".join(vocabulary[k] for k in shared)
                     warnings.append(
-                        f"{names[a]} and {names[b]} share {organs}, but their order along {name} ({words}) is "
-                        f"mirrored (correlation {corr:.2f}): if one dataset's headers contradict its anatomy, "
-                        f"give it 'flip: [{name}]' in the config"
+                        f"{names[a]} and {names[b]} share {organs}, but their order along {name} "
+                        f"({FLIP_AXES[name]}) is mirrored (correlation {corr:.2f}): if one dataset's headers "
+                        f"contradict its anatomy, give it 'flip: [{name}]' in the config"
                     )
     return warnings
 
