@@ -19,7 +19,8 @@ from .data_helpers import make_dataset
 OLD_SETS = {"ct": ["background", "liver", "spleen"], "mr": ["background", "liver", "spleen"]}
 NONE = {"scheme": "none"}
 OLD_EXTRA = {"datasets": {name: {"modality": m, "normalization": NONE, "label_values": {"liver": 1, "spleen": 2}}
-                          for name, m in (("ct", "CT"), ("mr", "MRI"))}}  # fmt: skip
+                          for name, m in (("ct", "CT"), ("mr", "MRI"))},
+             "postprocessing": {"keep_largest": {"ct": ["liver"], "mr": []}}}  # fmt: skip
 
 
 def old_model():
@@ -143,6 +144,9 @@ def test_grown_bundle_predicts_for_all_datasets(grown):
         assert result.labels.shape == volume_shape
         assert set(np.unique(result.labels)) <= values
     assert predictor.resolve("heart", None)["classes"] == ["background", "liver", "myocardium"]
+    # the old datasets keep their post-processing (frozen), the new one gets its own from validation
+    choice = predictor.model.bundle_extra["postprocessing"]["keep_largest"]
+    assert choice["ct"] == ["liver"] and choice["mr"] == [] and "heart" in choice
 
 
 def test_config_without_a_new_modality_is_rejected(tmp_path):

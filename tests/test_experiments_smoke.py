@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -36,3 +37,23 @@ def test_table_c_smoke_runs_and_writes_its_table(tmp_path):
         cells = line.strip("| ").split(" | ")
         assert len(cells) == 1 + 13 + 3, line  # model, 13 organs, mean, time, slices/s
         assert all(0 <= float(c) <= 100 for c in cells[1:14])
+
+
+def test_cpu_reference_summary_reports_plain_and_postprocessed_dice():
+    spec = importlib.util.spec_from_file_location("cpu_reference", ROOT / "experiments" / "cpu_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    organs = {o: 0.5 for o in module.SYNAPSE} | {"esophagus": 0.2}
+    validation = {
+        "dice": {"BTCV": organs, "CHAOS": {"liver": 0.8, "spleen": 0.6}},
+        "dice_postprocessed": {"BTCV": organs | {"liver": 0.9}, "CHAOS": {"liver": 0.8, "spleen": 0.7}},
+        "postprocessing": {"BTCV": ["liver"], "CHAOS": ["spleen"]},
+    }
+    result = module.summary(validation)
+    assert result["BTCV"]["synapse8"] == pytest.approx(0.5)
+    assert result["BTCV"]["synapse8_postprocessed"] == pytest.approx(0.55)
+    assert result["BTCV"]["mean"] == pytest.approx((8 * 0.5 + 0.2) / 9)
+    assert result["CHAOS"]["postprocessed"] == pytest.approx(0.75) and result["CHAOS"]["largest_only"] == ["spleen"]
+    run = {"command": "c", "minutes": 1.0, "pretrain_minutes": 0.1, "train_minutes": 0.9, "slices": 10}
+    text = module.markdown({**run, "img_size": 128, "slices_per_s": 1.0, "validation": result, "curve": []})
+    assert "| CHAOS | 0.750 | spleen |" in text and "(8 Synapse organs 0.550) | liver |" in text

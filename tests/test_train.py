@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -92,6 +93,14 @@ def test_train_loss_falls_and_validation_dice_rises(workdir, cache_dir):
     best = load_bundle(out / "best")
     assert best.bundle_extra["datasets"]["CHAOS"]["label_values"]["liver"] == 1
     assert best.bundle_extra["datasets"]["BTCV"]["normalization"]["scheme"] == "ct"
+    # the post-processing chosen by the last validation travels with the bundle predict uses
+    choice = load_bundle(out / "last").bundle_extra["postprocessing"]["keep_largest"]
+    assert choice == validation["postprocessing"] and set(choice) == {"BTCV", "CHAOS"}
+    for name, labels in choice.items():
+        for label in validation["dice"][name]:
+            post, plain = validation["dice_postprocessed"][name][label], validation["dice"][name][label]
+            assert post > plain if label in labels else post == plain or (math.isnan(post) and math.isnan(plain))
+    assert rows[-1]["val_post_CHAOS"] >= rows[-1]["val_dice_CHAOS"]
     rerun = load_experiment(out / "config.yaml")  # the run's own config reruns it
     original = experiment(workdir, epochs=15)
     assert (rerun.datasets, rerun.split, rerun.training) == (original.datasets, original.split, original.training)

@@ -215,7 +215,10 @@ def predict(
     dataset: str = typer.Option(None, help="Label set and normalisation of this training dataset."),
     modality: str = typer.Option(None, help="Expert of the input; without it the gate decides."),
     tta: bool = typer.Option(False, help="Average with the left-right mirrored prediction."),
-    keep_largest: bool = typer.Option(False, help="Keep the largest connected component per label."),
+    keep_largest: bool = typer.Option(False, help="Keep the largest connected component of every label."),
+    postprocess: bool = typer.Option(
+        True, help="With --dataset: keep the largest component of the labels where training's validation chose it."
+    ),
     probabilities: bool = typer.Option(False, help="Also write class probabilities (.npz)."),
     routing: str = typer.Option(None, help="Override routing: hard (one expert: faster), soft, uniform."),
     batch_size: int = typer.Option(None, help="Slices per forward pass (default: 16 on a GPU, 8 on a CPU)."),
@@ -231,11 +234,15 @@ def predict(
     try:
         bundle = load_bundle(model)
         predictor = Predictor(
-            bundle, device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing, precision=precision
-        )
+            bundle, device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing, precision=precision,
+            postprocess=postprocess,
+        )  # fmt: skip
+        largest_only = predictor.resolve(dataset, modality)["largest_only"]
         report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities)
     except (BundleError, PredictError) as err:
         _fail(err)
+    if largest_only:
+        console.print(f"largest connected component only: {', '.join(largest_only)}", highlight=False)
     for path, weights in report.experts.items():
         if len(weights) > 1 and modality is None:
             top = max(weights, key=weights.get)

@@ -21,6 +21,7 @@ import torch
 from ..config import ROUTING_MODES
 from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, flip_in_plane, read_volume, write_volume
 from ..data.normalize import normalize
+from ..data.postprocess import keep_largest_components
 from ..data.resample import SlicePlan, fit_slices, unfit_logits
 from ..devices import resolve_device
 from ..files import atomic_write
@@ -43,6 +44,7 @@ class Prediction:
     expert_weights: dict[str, float] = field(default_factory=dict)  # mean gate weight per expert
     probabilities: np.ndarray | None = None  # [classes, z, y, x] float16, canonical order
     warnings: list[str] = field(default_factory=list)
+    largest_only: list[str] = field(default_factory=list)  # classes cut to their largest connected component
 
 
 def mirror_permutation(class_names: list[str]) -> list[int]:
@@ -78,6 +80,9 @@ class Predictor:
             were slower end to end and take more memory).
         tta: average the probabilities of the slice and its left-right mirror.
         keep_largest: keep only the largest connected component of every class.
+        postprocess: apply the bundle's post-processing for the request's dataset: keep the largest
+            connected component of the classes where training's validation found that this raised
+            Dice. Needs ``dataset``; ``keep_largest`` applies it to every class instead.
         routing: override the model's routing (``hard`` runs one expert per sample: faster).
         precision: ``fp32``, ``bf16`` (weights and activations) or ``auto``: bf16 on a GPU and on a
             CPU with bf16 matrix instructions (AVX512-BF16 or AMX; the model runs about 3x faster
@@ -96,6 +101,7 @@ class Predictor:
         keep_largest: bool = False,
         routing: str | None = None,
         precision: str = "auto",
+        postprocess: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         # The whole model runs in bf16 (weights and activations), not under autocast: faster.
@@ -110,8 +116,10 @@ class Predictor:
         if batch_size < 1:
             raise PredictError(f"batch size must be at least 1, got {batch_size}")
         self.batch_size, self.tta, self.keep_largest = batch_size, tta, keep_largest
+        self.postprocess = postprocess
         self.mirror_classes = torch.tensor(mirror_permutation(model.class_names), device=self.device)
         self.datasets = getattr(model, "bundle_extra", {}).get("datasets", {})
+        self.largest_only = getattr(model, "bundle_extra", {}).get("postprocessing", {}).get("keep_largest", {})
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads())
             keep_freed_memory()  # process-wide, like the thread count: activations are reused, not faulted in
@@ -158,7 +166,16 @@ class Predictor:
             "values": values,
             # a flip describes the files of a training dataset: applied when the request names it
             "flip": list(info.get("flip", [])) if dataset is not None else [],
+            "largest_only": self._largest_only(dataset, classes),
         }
+
+    def _largest_only(self, dataset: str | None, classes: list[str]) -> list[str]:
+        """The request's classes to cut to their largest connected component."""
+        if self.keep_largest:
+            return classes[1:]
+        if not self.postprocess or dataset is None:
+            return []
+        return [c for c in classes if c in self.largest_only.get(dataset, ())]
 
     def prepare(
         self, volume: Volume, normalization: dict, flip: list[str] | None = None
@@ -209,15 +226,18 @@ class Predictor:
         labels = flip_in_plane(labels, request["flip"])  # back to the file's own orientation
         if probs_out is not None:
             probs_out = flip_in_plane(probs_out, request["flip"])
-        if self.keep_largest:
-            labels = keep_largest_components(labels)
+        largest_only = request["largest_only"]
+        if largest_only:
+            labels = keep_largest_components(labels, [request["classes"].index(c) for c in largest_only])
         values = np.asarray(request["values"], dtype=np.uint8 if max(request["values"]) < 256 else np.int32)
         experts = {}
         if gate_sum is not None:
             weights = (gate_sum / gate_count).tolist()
             experts = {m: round(w, 4) for m, w in zip(self.model.modalities, weights, strict=True)}
         warnings = modality_warnings(volume, request["normalization"], self.model.modalities)
-        return Prediction(values[labels], request["classes"], request["values"], experts, probs_out, warnings)
+        return Prediction(
+            values[labels], request["classes"], request["values"], experts, probs_out, warnings, largest_only
+        )
 
 
 def modality_warnings(volume: Volume, normalization: dict, modalities: list[str]) -> list[str]:
@@ -251,22 +271,6 @@ def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (without it, bf16 is slower than fp32)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def keep_largest_components(labels: np.ndarray) -> np.ndarray:
-    """Keep, for every class, only its largest 3D connected component (26-connectivity)."""
-    from scipy import ndimage
-
-    out = labels.copy()
-    structure = np.ones((3, 3, 3), dtype=bool)
-    for k in np.unique(labels):
-        if k == 0:
-            continue
-        components, count = ndimage.label(labels == k, structure=structure)
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            out[(components > 0) & (components != 1 + int(np.argmax(sizes)))] = 0
-    return out
 
 
 def output_name(path: Path) -> str:

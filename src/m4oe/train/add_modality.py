@@ -212,6 +212,9 @@ def run_add_modality(
     task = AddModalityTask(model, cache, routing, config.ce_weight, config.dice_weight, runtime.device,
                            no_decay=no_decay)  # fmt: skip
     task.extra_datasets = {k: v for k, v in old.bundle_extra.get("datasets", {}).items() if k in old.label_sets}
+    if mode == "freeze_old":  # the old experts, gates and classes are frozen: their choice still holds
+        old_choice = old.bundle_extra.get("postprocessing", {}).get("keep_largest", {})
+        task.carried_postprocessing = {k: v for k, v in old_choice.items() if k not in cache.dataset_names}
     added = parameters_added(old, model)
     if runtime.main:
         write_run_config(out, experiment, {"phase": "add-modality", "base_model": str(bundle), "mode": mode,

@@ -50,6 +50,8 @@ class SegmentationTask:
             [cache.class_names.index(c) if c in cache.class_names else 0 for c in model.class_names]
         )
         self.extra_datasets: dict[str, Any] = {}  # metadata of datasets the cache does not hold
+        self.postprocessing: dict[str, list[str]] = {}  # chosen by the latest validation
+        self.carried_postprocessing: dict[str, list[str]] = {}  # of datasets the cache does not hold
         freeze_unused_gates(model, routing)
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
@@ -66,7 +68,7 @@ class SegmentationTask:
 
     def validate(self, autocast) -> dict | None:
         self.model.set_routing(self.routing)
-        return validate(
+        result = validate(
             self.model,
             self.cache,
             self.device,
@@ -76,10 +78,13 @@ class SegmentationTask:
             modality_map=self.modality_map,
             class_map=self.model_to_cache_class,
         )
+        self.postprocessing = result["postprocessing"]
+        return result
 
     def bundle_extra(self) -> dict[str, Any]:
         extra = inference_metadata(self.cache, self.model, "train", {"routing": self.routing})
         extra["datasets"] = {**self.extra_datasets, **extra["datasets"]}
+        extra["postprocessing"] = {"keep_largest": {**self.carried_postprocessing, **self.postprocessing}}
         return extra
 
 

@@ -393,6 +393,8 @@ def fit(
             if result is not None:
                 row["val_dice"] = round(result["mean_dice"], 5)
                 row.update({f"val_dice_{k}": round(v, 5) for k, v in result["dataset_mean_dice"].items()})
+                post = result.get("dataset_mean_dice_postprocessed", {})
+                row.update({f"val_post_{k}": round(v, 5) for k, v in post.items()})
                 write_json(out / "validation.json", {"epoch": epoch + 1, **result})
                 if not math.isnan(result["mean_dice"]) and result["mean_dice"] > history.best:
                     history.best = result["mean_dice"]

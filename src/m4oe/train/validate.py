@@ -3,6 +3,12 @@
 Slices of each validation case are predicted in batches and stacked; Dice is computed per case and
 label on the volume in the cache's (fitted) slice space, which is what model selection needs. Labels
 empty in both the reference and the prediction give NaN and are left out of the means.
+
+Each label is also scored after keeping only its largest connected component. Where that raises a
+dataset's mean Dice for the label, the label is listed under ``postprocessing`` (the choice
+``predict`` applies, as nnU-Net picks its post-processing on cross-validation) and the
+``*_postprocessed`` figures use it. The choice is made on the very cases it is scored on, so those
+figures are optimistic by construction; the plain ``dice`` figures are not.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data.loader import SliceCache
+from ..data.postprocess import largest_component
 from ..model.base import SegmentationModel
 from ..model.head import class_argmax
 
@@ -26,6 +33,36 @@ def volume_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> dict[i
         total = int(p.sum()) + int(r.sum())
         out[k] = float("nan") if total == 0 else 2.0 * int((p & r).sum()) / total
     return out
+
+
+def largest_component_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> dict[int, float]:
+    """Dice of each class after keeping only its largest connected component in ``pred``."""
+    out = {}
+    for k in classes:
+        p = pred == k
+        if p.any():
+            p = largest_component(p)
+        r = ref == k
+        total = int(p.sum()) + int(r.sum())
+        out[k] = float("nan") if total == 0 else 2.0 * int((p & r).sum()) / total
+    return out
+
+
+def choose_postprocessing(per_case: list[dict]) -> dict[str, list[str]]:
+    """Per dataset, the labels whose mean Dice over its cases rises when only their largest component
+    is kept (strictly: a tie keeps the prediction as it is)."""
+    chosen = {}
+    for name in dict.fromkeys(c["dataset"] for c in per_case):
+        cases = [c for c in per_case if c["dataset"] == name and "dice_largest" in c]
+        if not cases:
+            continue
+        labels = list(cases[0]["dice"])
+        chosen[name] = [
+            label
+            for label in labels
+            if _nanmean(c["dice_largest"][label] for c in cases) > _nanmean(c["dice"][label] for c in cases)
+        ]
+    return chosen
 
 
 def _nanmean(values) -> float:
@@ -84,11 +121,13 @@ def validate(
             pred = class_map[pred]
         own = [class_names.index(c) for c in cache.label_sets[case["dataset"]][1:]]
         dice = volume_dice(pred, labels, own)
+        largest = largest_component_dice(pred, labels, own)
         per_case.append(
             {
                 "dataset": case["dataset"],
                 "case_id": case["case_id"],
                 "dice": {class_names[k]: v for k, v in dice.items()},
+                "dice_largest": {class_names[k]: v for k, v in largest.items()},
             }
         )
     model.train(was_training)
@@ -96,17 +135,34 @@ def validate(
 
 
 def summarise(per_case: list[dict], gate_sums: dict, gate_counts: dict) -> dict:
-    datasets: dict[str, dict[str, float]] = {}
-    for name in dict.fromkeys(c["dataset"] for c in per_case):
-        cases = [c for c in per_case if c["dataset"] == name]
-        labels = list(cases[0]["dice"])
-        datasets[name] = {label: _nanmean(c["dice"][label] for c in cases) for label in labels}
+    datasets = _per_label(per_case, {})
     dataset_mean = {name: _nanmean(values.values()) for name, values in datasets.items()}
+    postprocessing = choose_postprocessing(per_case)
+    post = _per_label(per_case, postprocessing)
+    post_mean = {name: _nanmean(values.values()) for name, values in post.items()}
     gates = {m: (gate_sums[m] / gate_counts[m]).tolist() for m in gate_sums}
     return {
         "mean_dice": _nanmean(dataset_mean.values()),
         "dataset_mean_dice": dataset_mean,
         "dice": datasets,
+        "postprocessing": postprocessing,
+        "mean_dice_postprocessed": _nanmean(post_mean.values()),
+        "dataset_mean_dice_postprocessed": post_mean,
+        "dice_postprocessed": post,
         "cases": per_case,
         "gates": gates,
     }
+
+
+def _per_label(per_case: list[dict], postprocessing: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Mean Dice over cases per dataset and label; the labels in ``postprocessing`` use their
+    largest-component score."""
+    datasets: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(c["dataset"] for c in per_case):
+        cases = [c for c in per_case if c["dataset"] == name]
+        chosen = set(postprocessing.get(name, ()))
+        datasets[name] = {
+            label: _nanmean(c["dice_largest" if label in chosen else "dice"][label] for c in cases)
+            for label in cases[0]["dice"]
+        }
+    return datasets
