@@ -34,7 +34,7 @@ BASE = ROOT / "experiments" / "base.yaml"
 SYNAPSE = ["aorta", "gallbladder", "right_kidney", "left_kidney", "liver", "pancreas", "spleen", "stomach"]
 
 MODEL = {"preset": "m4oe-convnext-s", "img_size": 128}
-TRAIN = {"batch_size": 12, "lr": 1e-2, "warmup_epochs": 0.1, "dice": "batch", "pretrain_lr": 1e-3, "workers": 2}
+TRAIN = {"batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.1, "dice": "batch", "pretrain_lr": 1e-3, "workers": 2}
 
 
 def experiment(args: argparse.Namespace):
@@ -144,11 +144,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache", type=Path, help="slice cache folder (default: OUT/cache)")
     parser.add_argument("--data", type=Path, help="folder holding the Dataset00X folders (default: base.yaml's)")
-    parser.add_argument("--slices", type=int, default=34800, help="phase-2 training slices")
+    parser.add_argument("--slices", type=int, default=31200, help="phase-2 training slices")
     parser.add_argument(
         "--pretrain-slices",
         type=int,
-        default=5800,
+        default=5200,
         help="phase-1 (MAE) slices, in whole epochs of the phase-2 epoch size (at least one)",
     )
     parser.add_argument("--points", type=int, default=6, help="validations along phase 2")

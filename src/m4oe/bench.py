@@ -133,7 +133,7 @@ def _bench_model(cfg: BenchConfig) -> dict[str, Any]:
         seconds = _timed(train_step, cfg.steps, cfg.warmup, device)
         result["train_slices_per_s"] = round(cfg.batch / seconds, 1)
         result["train_peak_gib"] = _peak(device)
-        result["train_tflops"] = round(3 * flops * cfg.batch / seconds / 1e12, 2)  # backward ~ 2x forward
+        result["train_tflops"] = _significant(3 * flops * cfg.batch / seconds / 1e12)  # backward ~ 2x forward
 
     model.eval()
     infer_image = torch.randn(cfg.infer_batch, 1, S, S, device=device)
@@ -153,12 +153,17 @@ def _bench_model(cfg: BenchConfig) -> dict[str, Any]:
     seconds = _timed(infer_step, cfg.steps, cfg.warmup, device)
     result["infer_slices_per_s"] = round(cfg.infer_batch / seconds, 1)
     result["infer_peak_gib"] = _peak(device)
-    result["infer_tflops"] = round(flops * cfg.infer_batch / seconds / 1e12, 2)
+    result["infer_tflops"] = _significant(flops * cfg.infer_batch / seconds / 1e12)
     if cfg.peak_tflops:
         if cfg.train:
             result["train_fraction_of_peak"] = round(result["train_tflops"] / cfg.peak_tflops, 4)
         result["infer_fraction_of_peak"] = round(result["infer_tflops"] / cfg.peak_tflops, 4)
     return result
+
+
+def _significant(value: float, digits: int = 3) -> float:
+    """``value`` to ``digits`` significant digits: a slow CPU's 0.004 TFLOP/s must not print as 0."""
+    return float(f"{value:.{digits}g}")
 
 
 def loop_reference(layer: MoEMLP, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:

@@ -417,7 +417,7 @@ def bench(
             cells += [
                 f"{row[mode + '_slices_per_s']:.1f}",
                 str(row[mode + "_peak_gib"]),
-                f"{row[mode + '_tflops']:.2f}",
+                f"{row[mode + '_tflops']:.3g}",
             ]
         table.add_row(*cells)
     console.print(table)
