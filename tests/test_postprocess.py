@@ -15,7 +15,7 @@ from m4oe.cli import app
 from m4oe.data.io import read_volume
 from m4oe.data.postprocess import keep_largest_components
 from m4oe.infer.predict import Predictor, predict_paths
-from m4oe.train.validate import choose_postprocessing, largest_component_dice, summarise
+from m4oe.train.validate import largest_component_dice, summarise
 
 from .data_helpers import write_image
 from .test_predict import threshold_model
@@ -98,8 +98,8 @@ def test_the_choice_is_made_per_dataset_and_label():
         _case("CT", {"liver": 0.8, "spleen": 0.7}, {"liver": 0.8, "spleen": 0.8}),  # spleen: 0.8 -> 0.65 overall
         _case("MR", {"liver": 0.6, "spleen": 0.6}, {"liver": 0.6, "spleen": 0.7}),
     ]
-    assert choose_postprocessing(cases) == {"CT": ["liver"], "MR": ["spleen"]}  # a tie (MR liver) is not chosen
     result = summarise(cases, {}, {})
+    assert result["postprocessing"] == {"CT": ["liver"], "MR": ["spleen"]}  # a tie (MR liver) is not chosen
     assert result["dice"]["CT"] == pytest.approx({"liver": 0.8, "spleen": 0.8})
     assert result["dice_postprocessed"]["CT"] == pytest.approx({"liver": 0.85, "spleen": 0.8})
     assert result["dice_postprocessed"]["MR"] == pytest.approx({"liver": 0.6, "spleen": 0.7})

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data.loader import SliceCache
-from ..data.postprocess import largest_component
+from ..data.postprocess import keep_largest_components
 from ..model.base import SegmentationModel
 from ..model.head import class_argmax
 
@@ -36,33 +36,17 @@ def volume_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> dict[i
 
 
 def largest_component_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> dict[int, float]:
-    """Dice of each class after keeping only its largest connected component in ``pred``."""
-    out = {}
-    for k in classes:
-        p = pred == k
-        if p.any():
-            p = largest_component(p)
-        r = ref == k
-        total = int(p.sum()) + int(r.sum())
-        out[k] = float("nan") if total == 0 else 2.0 * int((p & r).sum()) / total
-    return out
+    """Dice of each class after keeping only its largest connected component in ``pred`` (classes are
+    cut independently: a voxel cut from one class becomes background, never another class)."""
+    return volume_dice(keep_largest_components(pred, classes), ref, classes)
 
 
-def choose_postprocessing(per_case: list[dict]) -> dict[str, list[str]]:
-    """Per dataset, the labels whose mean Dice over its cases rises when only their largest component
-    is kept (strictly: a tie keeps the prediction as it is)."""
-    chosen = {}
-    for name in dict.fromkeys(c["dataset"] for c in per_case):
-        cases = [c for c in per_case if c["dataset"] == name and "dice_largest" in c]
-        if not cases:
-            continue
-        labels = list(cases[0]["dice"])
-        chosen[name] = [
-            label
-            for label in labels
-            if _nanmean(c["dice_largest"][label] for c in cases) > _nanmean(c["dice"][label] for c in cases)
-        ]
-    return chosen
+def choose_postprocessing(plain: dict[str, dict[str, float]], largest: dict[str, dict[str, float]]) -> dict:
+    """Per dataset, the labels whose mean Dice over its cases (``plain``) rises when only their largest
+    component is kept (``largest``); strictly: a tie keeps the prediction as it is."""
+    return {
+        name: [label for label, dice in labels.items() if largest[name][label] > dice] for name, labels in plain.items()
+    }
 
 
 def _nanmean(values) -> float:
@@ -135,10 +119,14 @@ def validate(
 
 
 def summarise(per_case: list[dict], gate_sums: dict, gate_counts: dict) -> dict:
-    datasets = _per_label(per_case, {})
+    datasets = _per_label(per_case, "dice")
+    largest = _per_label(per_case, "dice_largest")
+    postprocessing = choose_postprocessing(datasets, largest)
+    post = {
+        name: {label: (largest if label in postprocessing[name] else datasets)[name][label] for label in labels}
+        for name, labels in datasets.items()
+    }
     dataset_mean = {name: _nanmean(values.values()) for name, values in datasets.items()}
-    postprocessing = choose_postprocessing(per_case)
-    post = _per_label(per_case, postprocessing)
     post_mean = {name: _nanmean(values.values()) for name, values in post.items()}
     gates = {m: (gate_sums[m] / gate_counts[m]).tolist() for m in gate_sums}
     return {
@@ -154,15 +142,10 @@ def summarise(per_case: list[dict], gate_sums: dict, gate_counts: dict) -> dict:
     }
 
 
-def _per_label(per_case: list[dict], postprocessing: dict[str, list[str]]) -> dict[str, dict[str, float]]:
-    """Mean Dice over cases per dataset and label; the labels in ``postprocessing`` use their
-    largest-component score."""
+def _per_label(per_case: list[dict], key: str) -> dict[str, dict[str, float]]:
+    """Mean over cases of ``case[key][label]``, per dataset and label."""
     datasets: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(c["dataset"] for c in per_case):
         cases = [c for c in per_case if c["dataset"] == name]
-        chosen = set(postprocessing.get(name, ()))
-        datasets[name] = {
-            label: _nanmean(c["dice_largest" if label in chosen else "dice"][label] for c in cases)
-            for label in cases[0]["dice"]
-        }
+        datasets[name] = {label: _nanmean(c[key][label] for c in cases) for label in cases[0][key]}
     return datasets
