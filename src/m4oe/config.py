@@ -284,6 +284,10 @@ class DatasetConfig:
             contradicts their anatomy: ``x`` (right-left), ``y`` (anterior-posterior). The same flip
             is applied when predicting with ``--dataset`` of this name, and undone on the output.
             BTCV's files, for one, store posterior where their header says anterior.
+        fov: the central fraction of each in-plane side the model sees (default 1: all of it), so
+            that a small target in a wide field of view (a heart in a chest MRI) gets more pixels.
+            ``prepare`` refuses a value that leaves labelled voxels of any case outside; prediction
+            with this dataset (or its modality) sees the same part and calls the rest background.
     """
 
     path: str
@@ -297,6 +301,7 @@ class DatasetConfig:
     weight: float = 1.0
     split: SplitConfig | None = None
     flip: tuple[str, ...] = ()
+    fov: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -403,7 +408,7 @@ class ExperimentConfig:
 
 _DATASET_KEYS = {
     "path", "modality", "name", "normalization", "label_map", "labels", "cases", "max_cases", "weight", "split",
-    "flip",
+    "flip", "fov",
 }  # fmt: skip
 _SPLIT_KEYS = {"folds", "fold", "seed", "group_pattern", "val"}
 _TOP_KEYS = {"datasets", "model", "split", "train", "run"}  # run: what a run folder's config.yaml records
@@ -475,6 +480,9 @@ def _parse_dataset(values: Any, index: int, split: SplitConfig, base_dir: Path) 
     flip = tuple(str(a) for a in _expect(values.get("flip", []), list, f"{where}.flip"))
     if not set(flip) <= set(FLIP_AXES) or len(set(flip)) != len(flip):
         raise ConfigError(f"{where}.flip must list distinct in-plane axes among {list(FLIP_AXES)}, got {list(flip)}")
+    fov = float(_expect(values.get("fov", 1.0), (int, float), f"{where}.fov"))
+    if not 0.1 <= fov <= 1:
+        raise ConfigError(f"{where}.fov must be a fraction of the field of view in [0.1, 1], got {fov}")
     return DatasetConfig(
         path=str(path),
         modality=_expect(values["modality"], str, f"{where}.modality") if "modality" in values else None,
@@ -487,6 +495,7 @@ def _parse_dataset(values: Any, index: int, split: SplitConfig, base_dir: Path) 
         weight=weight,
         split=_parse_split(values.get("split"), f"{where}.split", split) if "split" in values else split,
         flip=flip,
+        fov=fov,
     )
 
 
@@ -536,6 +545,8 @@ def experiment_to_dict(experiment: ExperimentConfig) -> dict[str, Any]:
         entry["weight"] = d.weight
         if d.flip:
             entry["flip"] = list(d.flip)
+        if d.fov != 1:
+            entry["fov"] = d.fov
         if d.split != experiment.split:
             entry["split"] = split_dict(d.split)
         datasets.append(entry)

@@ -47,6 +47,7 @@ class DatasetSource:
     split: SplitConfig
     cases: list[Case] = field(default_factory=list)
     flip: tuple[str, ...] = ()  # in-plane axes reversed after reorientation (a header that contradicts the anatomy)
+    fov: float = 1.0  # central fraction of each in-plane side the model sees
 
     @property
     def label_names(self) -> list[str]:
@@ -216,6 +217,7 @@ def open_dataset(config: DatasetConfig, problems: list[str]) -> DatasetSource | 
         split=config.split or SplitConfig(),
         cases=cases,
         flip=tuple(config.flip),
+        fov=config.fov,
     )
 
 

@@ -104,6 +104,8 @@ def dataset_fingerprint(source: DatasetSource) -> str:
     }
     if s.flip:  # only when set, so that caches prepared before the option existed stay valid
         payload["flip"] = list(s.flip)
+    if s.fov != 1:
+        payload["fov"] = s.fov
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -158,10 +160,26 @@ def _check_case(task: dict[str, Any]) -> dict[str, Any]:
                 f"{task['label']}: label values {unknown[:10]} are not in dataset.json "
                 f"(known: {sorted(task['allowed'])})"
             )
+    if task["fov"] < 1 and not problems:
+        problems.extend(_outside_view(task, label.array))
     if task["sample"] and not problems:
         rng = np.random.default_rng(task["seed"])
         out["samples"] = sample_foreground(image.array, label.array, rng)
     return out
+
+
+def _outside_view(task: dict[str, Any], label: np.ndarray) -> list[str]:
+    from .io import flip_in_plane
+    from .resample import fov_needed, outside_view
+
+    label = flip_in_plane(label, task["flip"])  # as the cache sees it: the central box shifts by a pixel
+    lost = outside_view(label, task["fov"])
+    if not lost:
+        return []
+    return [
+        f"{task['label']}: {lost} labelled voxels lie outside fov {task['fov']} of dataset {task['dataset']} "
+        f"(this case needs fov >= {fov_needed(label):.3f}): raise fov or remove it from the config"
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,7 +194,7 @@ def _write_case(task: dict[str, Any]) -> dict[str, Any]:
     from .resample import SlicePlan, fit_slices
 
     image = read_volume(task["image"])
-    plan = SlicePlan.fit(image.array.shape[1:], image.spacing_zyx[1:], task["size"])
+    plan = SlicePlan.fit(image.array.shape[1:], image.spacing_zyx[1:], task["size"], task["fov"])
     slices = fit_slices(normalize(flip_in_plane(image.array, task["flip"]), task["stats"]), plan).numpy()
     if task["label"] is not None:
         label = flip_in_plane(read_volume(task["label"]).array, task["flip"]).astype(np.int64)
@@ -255,6 +273,9 @@ def check(config: ExperimentConfig, workers: int = 2, progress: bool = True):
             "allowed": sorted(source.label_values.values()),
             "sample": source.normalization == "ct" and source.labeled,
             "seed": i,
+            "dataset": source.name,
+            "flip": list(source.flip),
+            "fov": source.fov,
         }
         for i, (source, case) in enumerate(pairs)
     ]
@@ -350,6 +371,7 @@ def prepare(
                     "lut": lut.tolist(),
                     "stats": stats[source.name],
                     "flip": list(source.flip),
+                    "fov": source.fov,
                     "size": size,
                     "storage": storage,
                     "start": int(starts[i]),
@@ -457,6 +479,7 @@ def _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary
             "normalization": stats[s.name],
             "weight": s.weight,
             "flip": list(s.flip),
+            "fov": s.fov,
             "fingerprint": dataset_fingerprint(s),
             "split": {
                 "folds": s.split.folds,

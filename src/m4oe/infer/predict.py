@@ -166,6 +166,8 @@ class Predictor:
             "values": values,
             # a flip describes the files of a training dataset: applied when the request names it
             "flip": list(info.get("flip", [])) if dataset is not None else [],
+            # the part of the slice the model learnt from: the same for every file of a dataset's modality
+            "fov": float(info.get("fov", 1.0)),
             "largest_only": self._largest_only(dataset, classes),
         }
 
@@ -178,11 +180,12 @@ class Predictor:
         return [c for c in classes if c in self.largest_only.get(dataset, ())]
 
     def prepare(
-        self, volume: Volume, normalization: dict, flip: list[str] | None = None
+        self, volume: Volume, normalization: dict, flip: list[str] | None = None, fov: float = 1.0
     ) -> tuple[torch.Tensor, SlicePlan]:
         """The model input of a volume, ``[Z, size, size]`` on the host, and the plan to map results back
-        (``flip``: the in-plane axes the request's dataset reverses, see ``DatasetConfig.flip``)."""
-        plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size)
+        (``flip``: the in-plane axes the request's dataset reverses, see ``DatasetConfig.flip``;
+        ``fov``: the central fraction of each side the model sees, see ``DatasetConfig.fov``)."""
+        plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size, fov)
         return fit_slices(normalize(flip_in_plane(volume.array, flip or []), normalization), plan), plan
 
     @torch.no_grad()
@@ -190,7 +193,7 @@ class Predictor:
         self, volume: Volume, dataset: str | None = None, modality: str | None = None, probabilities: bool = False
     ) -> Prediction:
         request = self.resolve(dataset, modality)
-        slices, plan = self.prepare(volume, request["normalization"], request["flip"])
+        slices, plan = self.prepare(volume, request["normalization"], request["flip"], request["fov"])
         class_index = torch.tensor(request["class_index"], device=self.device)
         Z = slices.shape[0]
         few = len(class_index) <= 256  # class indices in one byte: a 100 x 512^2 map is 26 MB, not 210
@@ -218,11 +221,12 @@ class Predictor:
                 means = torch.stack([g.float().mean(dim=1).sum(0) for g in gates]).mean(0)  # [E]
                 gate_sum = means if gate_sum is None else gate_sum + means
                 gate_count += b
-            scores = unfit_logits(scores[:, class_index], plan)  # [b, C, Y, X]
+            scores = unfit_logits(scores[:, class_index], plan, probabilities=self.tta)  # [b, C, Y, X]
             labels[start : start + b] = class_argmax(scores, index_dtype).cpu().numpy()
             if probs_out is not None:
                 p = scores if self.tta else scores.softmax(1)
                 probs_out[:, start : start + b] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
+        edges = edge_warnings(labels, plan, request["fov"])  # in the plan's (flipped) orientation
         labels = flip_in_plane(labels, request["flip"])  # back to the file's own orientation
         if probs_out is not None:
             probs_out = flip_in_plane(probs_out, request["flip"])
@@ -234,7 +238,7 @@ class Predictor:
         if gate_sum is not None:
             weights = (gate_sum / gate_count).tolist()
             experts = {m: round(w, 4) for m, w in zip(self.model.modalities, weights, strict=True)}
-        warnings = modality_warnings(volume, request["normalization"], self.model.modalities)
+        warnings = modality_warnings(volume, request["normalization"], self.model.modalities) + edges
         return Prediction(
             values[labels], request["classes"], request["values"], experts, probs_out, warnings, largest_only
         )
@@ -252,6 +256,21 @@ def modality_warnings(volume: Volume, normalization: dict, modalities: list[str]
             f"normalised as MRI; this model's experts are {modalities}: check --dataset / --modality"
         ]
     return []
+
+
+def edge_warnings(labels: np.ndarray, plan: SlicePlan, fov: float) -> list[str]:
+    """A structure that reaches the edge of a cut-down field of view may go on beyond it: say so."""
+    if plan.crop is None:
+        return []
+    top, bottom, left, right = plan.crop
+    edges = [labels[:, top], labels[:, bottom - 1], labels[:, top:bottom, left], labels[:, top:bottom, right - 1]]
+    touching = sum(int(np.count_nonzero(e)) for e in edges)
+    if not touching:
+        return []
+    return [
+        f"{touching} labelled pixels touch the edge of the model's field of view (the central {fov:g} of each "
+        "side, as in training): a structure there may extend beyond it and be cut"
+    ]
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -83,7 +83,8 @@ def _check_subset(experiment: ExperimentConfig, cache_dir: Path, meta: dict) -> 
     if changed:
         raise ConfigError(
             f"{cache_dir}: datasets {changed} were prepared with other settings or files (split, label_map, "
-            f"normalization, weight, cases); prepare a cache for this config (another --cache) or rebuild this one"
+            f"normalization, weight, cases, flip, fov); prepare a cache for this config (another --cache) or "
+            "rebuild this one"
         )
 
 
@@ -116,6 +117,7 @@ def inference_metadata(
             "normalization": d["normalization"],
             "label_values": d["label_values"],
             "flip": d.get("flip", []),
+            "fov": d.get("fov", 1.0),
         }
         for d in cache.meta["datasets"]
         if d["name"] in model.label_sets

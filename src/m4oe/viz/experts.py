@@ -22,7 +22,7 @@ def gate_maps(predictor: Predictor, volume, dataset: str | None, modality: str |
     """Per block: gates of every slice ``[Z, L, E]``; plus the fitted slices and their predictions."""
     request = predictor.resolve(dataset, modality)
     model, device = predictor.model, predictor.device
-    slices, _ = predictor.prepare(volume, request["normalization"], request["flip"])
+    slices, _ = predictor.prepare(volume, request["normalization"], request["flip"], request["fov"])
     per_block: list[list[torch.Tensor]] = []
     preds = []
     for start in range(0, slices.shape[0], predictor.batch_size):
