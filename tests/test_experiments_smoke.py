@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 import subprocess
@@ -39,10 +40,29 @@ def test_table_c_smoke_runs_and_writes_its_table(tmp_path):
         assert all(0 <= float(c) <= 100 for c in cells[1:14])
 
 
-def test_cpu_reference_summary_reports_plain_and_postprocessed_dice():
+def _cpu_reference():
     spec = importlib.util.spec_from_file_location("cpu_reference", ROOT / "experiments" / "cpu_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_reference_sets_each_datasets_field_of_view(tmp_path):
+    module = _cpu_reference()
+    args = argparse.Namespace(data=tmp_path, fov=["ACDC=0.8", "BTCV=1"], img_size=128, slices=28000, points=5,
+                              pretrain_slices=5600, batch_size=4, lr=3e-3, seed=0, out=tmp_path / "run",
+                              cache=None)  # fmt: skip
+    exp = module.experiment(args)
+    assert {d.name: d.fov for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 0.8}
+    assert exp.training.samples_per_epoch == 5600 and exp.training.pretrain_epochs == 1
+    assert "--fov ACDC=0.8 BTCV=1 --img-size 128" in module.command(args)
+    for bad in (["LIDC=0.5"], ["ACDC"]):
+        with pytest.raises(SystemExit, match="--fov"):
+            module.experiment(argparse.Namespace(**{**vars(args), "fov": bad}))
+
+
+def test_cpu_reference_summary_reports_plain_and_postprocessed_dice():
+    module = _cpu_reference()
     organs = {o: 0.5 for o in module.SYNAPSE} | {"esophagus": 0.2}
     validation = {
         "dice": {"BTCV": organs, "CHAOS": {"liver": 0.8, "spleen": 0.6}},

@@ -140,7 +140,7 @@ def test_prediction_sees_the_dataset_view_and_warns_at_its_edge(tmp_path, tta):
     expected[:, top:bottom, left:right] = 3
     assert (result.labels == expected).all()  # the model's view is liver; outside it is background
     assert len(result.warnings) == 1 and "edge of the model's field of view" in result.warnings[0]
-    # a modality-only request uses that modality's dataset: the same view
+    # a modality-only request: the view its datasets share
     assert (predictor.predict_volume(read_volume(path), None, "MRI").labels > 0).sum() == (expected > 0).sum()
 
     organ = np.zeros((3, 40, 30), np.float32)
@@ -151,3 +151,17 @@ def test_prediction_sees_the_dataset_view_and_warns_at_its_edge(tmp_path, tta):
     # the same model without a view sees the whole slice
     whole = Predictor(_model(1.0), tta=tta).predict_volume(read_volume(path), "heart")
     assert (whole.labels == 3).all() and whole.warnings == []
+
+
+def test_a_request_without_its_dataset_is_cut_only_where_the_datasets_agree():
+    names = ["background", "liver", "spleen"]
+    model = BrightModel(ModelConfig(**{**MICRO, "depths": (1, 1, 1, 1)}), ["MRI", "CT"],
+                        {"heart": names, "belly": names, "ct": names})  # fmt: skip
+    info = {"normalization": {"scheme": "none"}, "label_values": {"background": 0, "liver": 1, "spleen": 2}}
+    model.bundle_extra = {"datasets": {"heart": {**info, "modality": "MRI", "fov": 0.5},
+                                       "belly": {**info, "modality": "MRI"},  # before fov existed: 1
+                                       "ct": {**info, "modality": "CT", "fov": 0.7}}}  # fmt: skip
+    predictor = Predictor(model)
+    assert predictor.resolve("heart", None)["fov"] == 0.5 and predictor.resolve("belly", None)["fov"] == 1.0
+    assert predictor.resolve(None, "MRI")["fov"] == 1.0  # heart and belly disagree: nothing is cut
+    assert predictor.resolve(None, "CT")["fov"] == 0.7

@@ -287,7 +287,8 @@ class DatasetConfig:
         fov: the central fraction of each in-plane side the model sees (default 1: all of it), so
             that a small target in a wide field of view (a heart in a chest MRI) gets more pixels.
             ``prepare`` refuses a value that leaves labelled voxels of any case outside; prediction
-            with this dataset (or its modality) sees the same part and calls the rest background.
+            for this dataset (or for a modality whose datasets share one view) sees the same part
+            and calls the rest background.
     """
 
     path: str

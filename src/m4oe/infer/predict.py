@@ -166,10 +166,18 @@ class Predictor:
             "values": values,
             # a flip describes the files of a training dataset: applied when the request names it
             "flip": list(info.get("flip", [])) if dataset is not None else [],
-            # the part of the slice the model learnt from: the same for every file of a dataset's modality
-            "fov": float(info.get("fov", 1.0)),
+            "fov": self._fov(dataset, modality),
             "largest_only": self._largest_only(dataset, classes),
         }
+
+    def _fov(self, dataset: str | None, modality: str | None) -> float:
+        """The part of each slice the model sees: the dataset's ``fov``; without a dataset, the one that
+        all datasets of the modality (or of the model) share, else the whole slice (nothing is cut)."""
+        if dataset is not None:
+            return float(self.datasets.get(dataset, {}).get("fov", 1.0))
+        views = {float(info.get("fov", 1.0)) for info in self.datasets.values()
+                 if modality is None or info.get("modality") == modality}  # fmt: skip
+        return views.pop() if len(views) == 1 else 1.0
 
     def _largest_only(self, dataset: str | None, classes: list[str]) -> list[str]:
         """The request's classes to cut to their largest connected component."""
