@@ -172,7 +172,7 @@ def _outside_view(task: dict[str, Any], label: np.ndarray) -> list[str]:
     from .io import flip_in_plane
     from .resample import fov_needed, outside_view
 
-    label = flip_in_plane(label, task["flip"])  # as the cache sees it: the central box shifts by a pixel
+    label = flip_in_plane(label, task["flip"])  # as cached: with an odd margin the box sits a pixel off-centre
     lost = outside_view(label, task["fov"])
     if not lost:
         return []
