@@ -44,9 +44,10 @@ def experiment(args: argparse.Namespace):
         for entry in values["datasets"]:
             entry["path"] = str(Path(args.data) / Path(entry["path"]).name)
     fov = dict(_fov(item) for item in args.fov)
-    unknown = set(fov) - {entry["name"] for entry in values["datasets"]}
+    names = [entry["name"] for entry in values["datasets"]]
+    unknown = set(fov) - set(names)
     if unknown:
-        raise SystemExit(f"--fov: unknown datasets {sorted(unknown)}; base.yaml has BTCV, CHAOS, ACDC")
+        raise SystemExit(f"--fov: unknown datasets {sorted(unknown)}; base.yaml has {', '.join(names)}")
     for entry in values["datasets"]:
         if entry["name"] in fov:
             entry["fov"] = fov[entry["name"]]
