@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from loader import synthetic_cache  # benchmarks/loader.py
 
 from m4oe import create_model
@@ -38,9 +39,20 @@ def main() -> None:
     parser.add_argument("--routing", default="soft")
     parser.add_argument("--compile", default="auto", help="auto (on for CUDA) | on | off")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="model config overrides, YAML values (e.g. depths=[1,1,2,2,2])",
+    )
     args = parser.parse_args()
     runtime = setup_runtime(args.device)
     overrides = {"img_size": args.img_size} if args.img_size else {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        value = yaml.safe_load(value)
+        overrides[field] = tuple(value) if isinstance(value, list) else value
     work = Path(tempfile.mkdtemp())
     probe = create_model(args.preset, modalities=["m0"], label_sets={"d0": ["background", "a"]}, **overrides)
     size = probe.config.img_size

@@ -52,7 +52,7 @@ def experiment(args: argparse.Namespace):
         if entry["name"] in fov:
             entry["fov"] = fov[entry["name"]]
     per_epoch = args.slices // args.points
-    values["model"] = {**MODEL, "img_size": args.img_size}
+    values["model"] = {**MODEL, "img_size": args.img_size, **dict(_model_field(item) for item in args.model)}
     values["train"] = {
         **TRAIN,
         "batch_size": args.batch_size,
@@ -69,7 +69,7 @@ def experiment(args: argparse.Namespace):
 def command(args: argparse.Namespace) -> str:
     words = []
     for key, value in vars(args).items():
-        if value is not None:
+        if value is not None and value != []:
             words.append(f"--{key.replace('_', '-')} " + (" ".join(value) if isinstance(value, list) else str(value)))
     return "python experiments/cpu_reference.py " + " ".join(words)
 
@@ -80,6 +80,13 @@ def _fov(item: str) -> tuple[str, float]:
         return name, float(value)
     except ValueError:
         raise SystemExit(f"--fov {item!r}: give NAME=FRACTION, for example ACDC=0.8") from None
+
+
+def _model_field(item: str) -> tuple[str, object]:
+    field, _, value = item.partition("=")
+    if not value:
+        raise SystemExit(f"--model {item!r}: give FIELD=VALUE, for example full_res_convs=1")
+    return field, yaml.safe_load(value)
 
 
 def curve(run: Path, slices_per_epoch: int) -> list[dict]:
@@ -183,6 +190,13 @@ def main() -> None:
         default=FOV,
         metavar="NAME=FRACTION",
         help="central fraction of each in-plane side a dataset's model sees (DatasetConfig.fov)",
+    )
+    parser.add_argument(
+        "--model",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="model config fields over the preset's, as YAML values (e.g. full_res_convs=1)",
     )
     parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)

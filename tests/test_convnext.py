@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from m4oe import load_bundle, save_bundle
 from m4oe.config import PRESETS, ConfigError, ModelConfig, preset_config
 from m4oe.model import create_model, parameter_counts
-from m4oe.model.convnext_unet import ConvNeXtBlock, ConvNeXtUNet
+from m4oe.model.convnext_unet import ConvNeXtBlock, ConvNeXtUNet, ConvUnit
 from m4oe.model.mae import MAEPretrainer, load_pretrained
 from m4oe.model.moe import MoEMLP
 from m4oe.train.losses import deep_supervision_loss, segmentation_loss, soft_dice_batch
@@ -64,6 +64,55 @@ def test_block_matches_pixel_loop_reference_forward_and_gradients():
     for g_fast, g_ref in zip(torch.autograd.grad(fast, params, grad), torch.autograd.grad(ref, params, grad),
                              strict=True):  # fmt: skip
         assert torch.allclose(g_fast, g_ref, atol=1e-9)
+
+
+def test_full_resolution_conv_unit_matches_a_shift_and_sum_reference():
+    torch.manual_seed(2)
+    unit = ConvUnit(4).double()
+    with torch.no_grad():
+        for p in unit.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 5, 6, 4, dtype=torch.float64, requires_grad=True)
+    # the 3x3 convolution as a sum over the 9 shifted copies of the zero-padded input, channels-last
+    padded = F.pad(x, (0, 0, 1, 1, 1, 1))
+    conv = unit.conv.bias.expand(2, 5, 6, 4)
+    for di in range(3):
+        for dj in range(3):
+            conv = conv + padded[:, di : di + 5, dj : dj + 6] @ unit.conv.weight[:, :, di, dj].T
+    mean = conv.mean(-1, keepdim=True)
+    var = ((conv - mean) ** 2).mean(-1, keepdim=True)
+    normed = (conv - mean) / torch.sqrt(var + unit.norm.eps) * unit.norm.weight + unit.norm.bias
+    ref = x + 0.5 * normed * (1 + torch.erf(normed / 2**0.5))
+    fast = unit(x)
+    assert torch.allclose(fast, ref, atol=1e-10)
+    grad = torch.randn_like(fast)
+    params = [x, *unit.parameters()]
+    for g_fast, g_ref in zip(torch.autograd.grad(fast, params, grad), torch.autograd.grad(ref, params, grad),
+                             strict=True):  # fmt: skip
+        assert torch.allclose(g_fast, g_ref, atol=1e-9)
+
+
+def test_full_res_convs_sit_after_the_stem_and_before_the_head():
+    plain, model = micro(), micro(full_res_convs=2)
+    assert len(model.patch_embed.units) == 2 and len(model.refine) == 2
+    assert len(plain.patch_embed.units) == 0 and len(plain.refine) == 0
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 4 * (8 * 8 * 9 + 8 + 2 * 8)  # four units of conv (C*C*9 + C) and norm (2C) at C0 = 8
+    image = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        base = model(image, torch.tensor([0, 1]), torch.tensor([0, 1]))
+        model.refine[1].conv.weight.add_(1.0)  # the units before the head change the output ...
+        assert not torch.allclose(model(image, torch.tensor([0, 1]), torch.tensor([0, 1])), base)
+    # ... and phase 1 trains the stem's units (part of the encoder) but not the head's
+    mae = MAEPretrainer(model, mask_ratio=0.5)
+    loss, _ = mae(image, torch.tensor([0, 1]), mae.random_mask(2))
+    loss.backward()
+    assert model.patch_embed.units[1].conv.weight.grad.abs().max() > 0
+    assert model.refine[0].conv.weight.grad is None
+    fresh = micro(full_res_convs=2)
+    load_pretrained(fresh, model)
+    assert torch.equal(fresh.patch_embed.units[0].conv.weight, model.patch_embed.units[0].conv.weight)
+    assert not torch.equal(fresh.refine[1].conv.weight, model.refine[1].conv.weight)
 
 
 def test_shapes_gates_and_deep_supervision():
@@ -158,6 +207,13 @@ def test_convnext_config_checks():
         preset_config("m4oe-convnext-s", kernel_size=4)
     with pytest.raises(ConfigError, match="convnext only"):
         preset_config("tiny", deep_supervision=True)
+    with pytest.raises(ConfigError, match="full_res_convs is available with arch: convnext only"):
+        preset_config("tiny", full_res_convs=1)
+    with pytest.raises(ConfigError, match="full_res_convs must be >= 0"):
+        preset_config("m4oe-convnext-s", full_res_convs=-1)
+    # bundles written before the field existed read back without it
+    older = {k: v for k, v in preset_config("m4oe-convnext-s").to_dict().items() if k != "full_res_convs"}
+    assert ModelConfig.from_dict(older).full_res_convs == 0
     assert preset_config("m4oe-convnext-s", img_size=144).img_size == 144  # no window constraint
 
 

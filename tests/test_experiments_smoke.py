@@ -51,14 +51,21 @@ def test_cpu_reference_sets_each_datasets_field_of_view(tmp_path):
     module = _cpu_reference()
     args = argparse.Namespace(data=tmp_path, fov=["ACDC=0.8", "BTCV=1"], img_size=128, slices=28000, points=5,
                               pretrain_slices=5600, batch_size=4, lr=3e-3, seed=0, out=tmp_path / "run",
-                              cache=None)  # fmt: skip
+                              cache=None, model=[])  # fmt: skip
     exp = module.experiment(args)
     assert {d.name: d.fov for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 0.8}
+    assert "--model" not in module.command(args)
     assert exp.training.samples_per_epoch == 5600 and exp.training.pretrain_epochs == 1
     assert "--fov ACDC=0.8 BTCV=1 --img-size 128" in module.command(args)
     for bad in (["LIDC=0.5"], ["ACDC"]):
         with pytest.raises(SystemExit, match="--fov"):
             module.experiment(argparse.Namespace(**{**vars(args), "fov": bad}))
+    wider = argparse.Namespace(**{**vars(args), "model": ["full_res_convs=1", "depths=[0,1,2,2,2]"]})
+    model = module.experiment(wider).model
+    assert model["full_res_convs"] == 1 and list(model["depths"]) == [0, 1, 2, 2, 2]
+    assert "--model full_res_convs=1 depths=[0,1,2,2,2]" in module.command(wider)
+    with pytest.raises(SystemExit, match="--model 'full_res_convs'"):
+        module.experiment(argparse.Namespace(**{**vars(args), "model": ["full_res_convs"]}))
 
 
 def test_cpu_reference_summary_reports_plain_and_postprocessed_dice():

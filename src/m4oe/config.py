@@ -52,6 +52,9 @@ class ModelConfig:
         init: ``convnext`` only: ``trunc_normal`` (std 0.02, ConvNeXt) or ``kaiming`` (nnU-Net).
         spatial: ``convnext`` only: the block's spatial convolution, ``depthwise`` (ConvNeXt) or
             ``full`` (a dense ``k x k`` convolution; more FLOPs, better use of CPU GEMM kernels).
+        full_res_convs: ``convnext`` only: residual units ``x + GELU(Norm(Conv3x3(x)))`` at full
+            resolution, that many after the stem and that many before the head (dense, no experts).
+            Without them the last decoder level only fuses the upsampled features with the stem's.
     """
 
     arch: str = "swin"
@@ -76,6 +79,7 @@ class ModelConfig:
     norm: str = "layer"
     init: str = "trunc_normal"
     spatial: str = "depthwise"
+    full_res_convs: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -129,6 +133,8 @@ class ModelConfig:
             raise ConfigError(f"norm must be layer or instance, got {self.norm!r}")
         if self.spatial not in ("depthwise", "full"):
             raise ConfigError(f"spatial must be depthwise or full, got {self.spatial!r}")
+        if self.full_res_convs < 0:
+            raise ConfigError(f"full_res_convs must be >= 0, got {self.full_res_convs}")
         if self.init not in ("trunc_normal", "kaiming"):
             raise ConfigError(f"init must be trunc_normal or kaiming, got {self.init!r}")
         if self.img_size % self.size_multiple:
@@ -138,8 +144,9 @@ class ModelConfig:
             )
 
     def _validate_swin(self) -> None:
-        if self.deep_supervision:
-            raise ConfigError("deep_supervision is available with arch: convnext only")
+        for name in ("deep_supervision", "full_res_convs"):
+            if getattr(self, name):
+                raise ConfigError(f"{name} is available with arch: convnext only")
         if len(self.depths) != len(self.num_heads) or not self.depths:
             raise ConfigError(
                 f"depths {self.depths} and num_heads {self.num_heads} must be non-empty and of equal length"

@@ -87,17 +87,31 @@ class ConvStage(nn.Module):
         return x
 
 
-class ConvStem(nn.Module):
-    """3x3 convolution to ``C0`` channels at full resolution, norm, GELU: ``[B, in, S, S]`` ->
-    ``[B, S, S, C0]``."""
+class ConvUnit(nn.Module):
+    """``x + GELU(Norm(Conv3x3(x)))`` on channels-last ``[B, H, W, C]`` features: a dense
+    convolution, cheap at full resolution where an MLP block is not (few channels, many pixels)."""
 
-    def __init__(self, in_chans: int, dim: int, norm: str = "layer") -> None:
+    def __init__(self, dim: int, norm: str = "layer") -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, 3, padding=1)
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
         self.norm = make_norm(norm, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.norm(self.proj(x).permute(0, 2, 3, 1)))
+        return x + F.gelu(self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)))
+
+
+class ConvStem(nn.Module):
+    """3x3 convolution to ``C0`` channels at full resolution, norm, GELU, then ``units``
+    :class:`ConvUnit`: ``[B, in, S, S]`` -> ``[B, S, S, C0]``."""
+
+    def __init__(self, in_chans: int, dim: int, norm: str = "layer", units: int = 0) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, 3, padding=1)
+        self.norm = make_norm(norm, dim)
+        self.units = nn.Sequential(*(ConvUnit(dim, norm) for _ in range(units)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.units(F.gelu(self.norm(self.proj(x).permute(0, 2, 3, 1))))
 
 
 class Resample(nn.Module):
@@ -148,7 +162,7 @@ class ConvNeXtUNet(SegmentationModel):
 
         # names shared with the Swin-UNet (patch_embed, encoder, merges, norm, decoder) so that phase-1
         # loading, mirroring the encoder into the decoder and the expert maps work on both
-        self.patch_embed = ConvStem(cfg.in_chans, dims[0], cfg.norm)
+        self.patch_embed = ConvStem(cfg.in_chans, dims[0], cfg.norm, cfg.full_res_convs)
         self.encoder = nn.ModuleList(stage(i, cfg.moe_encoder) for i in range(n))
         self.merges = nn.ModuleList(
             Resample(nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), dims[i + 1], cfg.norm)
@@ -160,6 +174,7 @@ class ConvNeXtUNet(SegmentationModel):
         )
         self.skip_fuse = nn.ModuleList(nn.Linear(2 * dims[i], dims[i]) for i in range(n - 1))
         self.decoder = nn.ModuleList(stage(i, cfg.moe_decoder) for i in range(n - 1))
+        self.refine = nn.Sequential(*(ConvUnit(dims[0], cfg.norm) for _ in range(cfg.full_res_convs)))
         self.norm_up = make_norm(cfg.norm, dims[0])
         self.head = DynamicHead(dims[0], self.label_mask())
         levels = range(1, min(3, n - 1)) if cfg.deep_supervision else range(0)
@@ -191,7 +206,7 @@ class ConvNeXtUNet(SegmentationModel):
             x = self.skip_fuse[i](torch.cat([x, skips[i]], dim=-1))
             x = self.decoder[i](x, modality, routing, gates)
             levels[i] = x
-        return self.norm_up(x).permute(0, 3, 1, 2), levels
+        return self.norm_up(self.refine(x)).permute(0, 3, 1, 2), levels
 
     def forward(
         self,
