@@ -54,7 +54,7 @@ def test_cpu_reference_sets_each_datasets_field_of_view(tmp_path):
                               cache=None, model=[])  # fmt: skip
     exp = module.experiment(args)
     assert {d.name: d.fov for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 0.8}
-    assert "--model" not in module.command(args)
+    assert "--model" not in module.command(args) and exp.model["full_res_convs"] == 1
     assert exp.training.samples_per_epoch == 5600 and exp.training.pretrain_epochs == 1
     assert "--fov ACDC=0.8 BTCV=1 --img-size 128" in module.command(args)
     for bad in (["LIDC=0.5"], ["ACDC"]):
