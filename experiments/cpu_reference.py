@@ -5,7 +5,8 @@ and ACDC cine MRI, in at most an hour on two CPU cores.
 
 Phase 1 (MAE pre-training of each modality's expert) and phase 2 (gated fine-tuning) run on the
 data and validation cases of ``experiments/base.yaml``, with the ``m4oe-convnext-s`` preset plus one
-full-resolution convolution unit on each side (``full_res_convs: 1``) at the input size of the cache. The script writes, under ``--out``:
+full-resolution convolution unit on each side (``full_res_convs: 1``) at the input size of the cache.
+The script writes, under ``--out``:
 
 * ``pretrain/`` and ``train/`` (runs as ``m4oe pretrain`` / ``m4oe train`` write them; ``train/last``
   is the bundle ``m4oe predict`` uses as it is);

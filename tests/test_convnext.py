@@ -46,6 +46,14 @@ def block_reference(block: ConvNeXtBlock, x: torch.Tensor, modality: torch.Tenso
     return out
 
 
+def assert_same_gradients(fast: torch.Tensor, ref: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Backpropagate one random upstream gradient through both outputs; compare every input's gradient."""
+    grad = torch.randn_like(fast)
+    for g_fast, g_ref in zip(torch.autograd.grad(fast, params, grad),
+                             torch.autograd.grad(ref, params, grad), strict=True):  # fmt: skip
+        assert torch.allclose(g_fast, g_ref, atol=1e-9)
+
+
 def test_block_matches_pixel_loop_reference_forward_and_gradients():
     torch.manual_seed(1)
     mlp = MoEMLP(6, 5, 3)
@@ -59,11 +67,7 @@ def test_block_matches_pixel_loop_reference_forward_and_gradients():
     ref = block_reference(block, x, modality)
     assert torch.allclose(fast, ref, atol=1e-10)
     assert gates.shape == (2, 20, 3) and torch.allclose(gates.sum(-1), torch.ones(2, 20, dtype=torch.float64))
-    grad = torch.randn_like(fast)
-    params = [x, *block.parameters()]
-    for g_fast, g_ref in zip(torch.autograd.grad(fast, params, grad), torch.autograd.grad(ref, params, grad),
-                             strict=True):  # fmt: skip
-        assert torch.allclose(g_fast, g_ref, atol=1e-9)
+    assert_same_gradients(fast, ref, [x, *block.parameters()])
 
 
 def test_full_resolution_conv_unit_matches_a_shift_and_sum_reference():
@@ -85,11 +89,7 @@ def test_full_resolution_conv_unit_matches_a_shift_and_sum_reference():
     ref = x + 0.5 * normed * (1 + torch.erf(normed / 2**0.5))
     fast = unit(x)
     assert torch.allclose(fast, ref, atol=1e-10)
-    grad = torch.randn_like(fast)
-    params = [x, *unit.parameters()]
-    for g_fast, g_ref in zip(torch.autograd.grad(fast, params, grad), torch.autograd.grad(ref, params, grad),
-                             strict=True):  # fmt: skip
-        assert torch.allclose(g_fast, g_ref, atol=1e-9)
+    assert_same_gradients(fast, ref, [x, *unit.parameters()])
 
 
 def test_full_res_convs_sit_after_the_stem_and_before_the_head():

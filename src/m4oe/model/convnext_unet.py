@@ -87,33 +87,6 @@ class ConvStage(nn.Module):
         return x
 
 
-class ConvUnit(nn.Module):
-    """``x + GELU(Norm(Conv3x3(x)))`` on channels-last ``[B, H, W, C]`` features: a dense
-    convolution, cheap at full resolution where an MLP block is not (few channels, many pixels)."""
-
-    def __init__(self, dim: int, norm: str = "layer") -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
-        self.norm = make_norm(norm, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + F.gelu(self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)))
-
-
-class ConvStem(nn.Module):
-    """3x3 convolution to ``C0`` channels at full resolution, norm, GELU, then ``units``
-    :class:`ConvUnit`: ``[B, in, S, S]`` -> ``[B, S, S, C0]``."""
-
-    def __init__(self, in_chans: int, dim: int, norm: str = "layer", units: int = 0) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, 3, padding=1)
-        self.norm = make_norm(norm, dim)
-        self.units = nn.Sequential(*(ConvUnit(dim, norm) for _ in range(units)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.units(F.gelu(self.norm(self.proj(x).permute(0, 2, 3, 1))))
-
-
 class Resample(nn.Module):
     """A strided convolution to another level's width (``conv``: 3x3 stride 2 down, 2x2 transposed
     stride 2 up), then norm and GELU, on channels-last features.
@@ -129,6 +102,31 @@ class Resample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)))
+
+
+class ConvUnit(Resample):
+    """``x + GELU(Norm(Conv3x3(x)))`` on channels-last ``[B, H, W, C]`` features: a dense
+    convolution, cheap at full resolution where an MLP block is not (few channels, many pixels)."""
+
+    def __init__(self, dim: int, norm: str = "layer") -> None:
+        super().__init__(nn.Conv2d(dim, dim, 3, padding=1), dim, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + super().forward(x)
+
+
+class ConvStem(nn.Module):
+    """3x3 convolution to ``C0`` channels at full resolution, norm, GELU, then ``units``
+    :class:`ConvUnit`: ``[B, in, S, S]`` -> ``[B, S, S, C0]``."""
+
+    def __init__(self, in_chans: int, dim: int, norm: str = "layer", units: int = 0) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, 3, padding=1)
+        self.norm = make_norm(norm, dim)
+        self.units = nn.Sequential(*(ConvUnit(dim, norm) for _ in range(units)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.units(F.gelu(self.norm(self.proj(x).permute(0, 2, 3, 1))))
 
 
 class ConvNeXtUNet(SegmentationModel):
