@@ -47,13 +47,22 @@ def _cpu_reference():
     return module
 
 
-def test_cpu_reference_sets_each_datasets_field_of_view(tmp_path):
+def test_cpu_reference_sets_each_datasets_field_of_view_and_weight(tmp_path):
     module = _cpu_reference()
     args = argparse.Namespace(data=tmp_path, fov=["ACDC=0.8", "BTCV=1"], img_size=128, slices=28000, points=5,
                               pretrain_slices=5600, batch_size=4, lr=3e-3, seed=0, out=tmp_path / "run",
-                              cache=None, model=[])  # fmt: skip
+                              cache=None, model=[], weight=[])  # fmt: skip
     exp = module.experiment(args)
     assert {d.name: d.fov for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 0.8}
+    assert {d.name: d.weight for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 1.0}
+    weighted = argparse.Namespace(**{**vars(args), "weight": ["CHAOS=0.7", "ACDC=1.3"]})
+    assert {d.name: d.weight for d in module.experiment(weighted).datasets} == {"BTCV": 1.0, "CHAOS": 0.7, "ACDC": 1.3}
+    assert "--weight CHAOS=0.7 ACDC=1.3" in module.command(weighted)
+    for bad in (["LIDC=2"], ["ACDC=heavy"]):
+        with pytest.raises(SystemExit, match="--weight"):
+            module.experiment(argparse.Namespace(**{**vars(args), "weight": bad}))
+    with pytest.raises(SystemExit, match="weight must be positive"):
+        module.experiment(argparse.Namespace(**{**vars(args), "weight": ["ACDC=0"]}))
     assert "--model" not in module.command(args) and exp.model["full_res_convs"] == 1
     assert exp.training.samples_per_epoch == 5600 and exp.training.pretrain_epochs == 1
     assert "--fov ACDC=0.8 BTCV=1 --img-size 128" in module.command(args)

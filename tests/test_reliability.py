@@ -155,14 +155,23 @@ def _cache(values: dict, cache: Path):
     return ensure_cache(parse_experiment(values), cache, Runtime(torch.device("cpu")), progress=False)
 
 
-def test_cache_is_rebuilt_when_the_fold_or_weight_changes(tmp_path):
+def test_cache_is_rebuilt_when_the_fold_changes_and_kept_when_only_the_weight_does(tmp_path):
+    from m4oe.train.common import sampling_weights
+
     values = _two_datasets(tmp_path)
     first = _cache(values, tmp_path / "cache")
     other_fold = _cache({**values, "split": {"folds": 3, "fold": 1}}, tmp_path / "cache")
     assert other_fold.meta["fingerprint"] != first.meta["fingerprint"]
     assert not np.array_equal(other_fold.slice_mask("val"), first.slice_mask("val"))
-    weighted = _two_datasets(tmp_path, weight=3.0)
-    assert _cache(weighted, tmp_path / "cache").meta["datasets"][0]["weight"] == 3.0
+    # the weight only steers the sampler: the cache is kept, and training reads the weight from the config
+    weighted = {**values, "split": {"folds": 3, "fold": 1}}
+    weighted["datasets"] = [{**values["datasets"][0], "weight": 3.0}, values["datasets"][1]]
+    written = (tmp_path / "cache" / "meta.json").stat().st_mtime_ns
+    reused = _cache(weighted, tmp_path / "cache")
+    assert reused.meta["fingerprint"] == other_fold.meta["fingerprint"]
+    assert (tmp_path / "cache" / "meta.json").stat().st_mtime_ns == written
+    assert sampling_weights(parse_experiment(weighted), reused) == [3.0, 1.0]
+    assert sampling_weights(parse_experiment({**weighted, "datasets": weighted["datasets"][1:]}), reused) == [1.0, 1.0]
 
 
 def test_subset_config_must_match_the_cache(tmp_path):

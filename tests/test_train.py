@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -179,6 +180,32 @@ def test_resume_after_a_kill_gives_the_same_weights(workdir, cache_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _column(straight, "loss") == _column(killed, "loss")  # the resumed epoch's mean too
     assert _column(straight, "val_dice") == _column(killed, "val_dice")
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("phase", [run_pretrain, run_train])
+def test_training_draws_datasets_by_the_configs_weights_from_the_same_cache(workdir, cache_dir, monkeypatch, phase):
+    from m4oe.train import loop
+
+    probabilities = []
+
+    class Recording(loop.BalancedBatchSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            probabilities.append(self.probs.tolist())
+
+    monkeypatch.setattr(loop, "BalancedBatchSampler", Recording)
+    exp = experiment(workdir, epochs=1, pretrain_epochs=1, val_every=0)
+    weighted = replace(exp, datasets=[exp.datasets[0], replace(exp.datasets[1], weight=3.0)])
+    with pytest.raises(KeyboardInterrupt):
+        phase(exp, workdir / "balanced", cache_dir, progress=False, stop_at_step=1)
+    fingerprint = json.loads((cache_dir / "meta.json").read_text())["fingerprint"]
+    with pytest.raises(KeyboardInterrupt):
+        phase(weighted, workdir / "weighted", cache_dir, progress=False, stop_at_step=1)
+    assert json.loads((cache_dir / "meta.json").read_text())["fingerprint"] == fingerprint
+    assert probabilities == [[0.5, 0.5], [0.25, 0.75]]  # BTCV, CHAOS in the cache's order
+    for run in ("balanced", "weighted"):
+        shutil.rmtree(workdir / run)
 
 
 def _column(run: Path, name: str) -> list[str]:

@@ -285,7 +285,8 @@ class DatasetConfig:
         label_map: rename or merge labels, ``{old_name: new_name}`` (same new name = merged).
         labeled: false for images without labels (``labels: none``: phase-1 pre-training only).
         cases: restrict to these case ids; ``max_cases``: to the first N (sorted) cases.
-        weight: relative sampling weight of the dataset (default 1: datasets balanced).
+        weight: relative sampling weight of the dataset (default 1: datasets balanced). It steers
+            the sampler only: changing it keeps the slice cache.
         split: per-dataset split; default: the experiment's ``split``.
         flip: in-plane axes to reverse after reorientation, for files whose header direction
             contradicts their anatomy: ``x`` (right-left), ``y`` (anterior-posterior). The same flip

@@ -137,8 +137,8 @@ class BalancedBatchSampler:
         batch_size: slices per batch.
         mask: eligible slices (e.g. ``cache.slice_mask("train")``); default all.
         samples_per_epoch: slices drawn per epoch (default: the number of eligible slices).
-        dataset_weights: relative probability of each dataset (default: the config's ``weight``s,
-            i.e. balanced datasets).
+        dataset_weights: relative probability of each dataset, in the cache's order (default:
+            balanced datasets; training passes the config's ``weight``s).
         foreground_fraction: share of samples forced to come from slices with foreground.
         seed: base seed; epoch ``e`` is drawn from ``(seed, e)``.
     """
@@ -155,7 +155,9 @@ class BalancedBatchSampler:
     ) -> None:
         mask = np.ones(len(cache), dtype=bool) if mask is None else mask
         dataset = cache.index["dataset"]
-        weights = dataset_weights or [d["weight"] for d in cache.meta["datasets"]]
+        weights = dataset_weights or [1.0] * len(cache.meta["datasets"])
+        if len(weights) != len(cache.meta["datasets"]):
+            raise ValueError(f"{len(weights)} dataset weights for a cache of {len(cache.meta['datasets'])} datasets")
         self.pools, self.fg_pools, kept = [], [], []
         for d, weight in enumerate(weights):
             pool = np.flatnonzero(mask & (dataset == d))

@@ -98,7 +98,9 @@ def dataset_fingerprint(source: DatasetSource) -> str:
         "labeled": s.labeled,
         "label_values": s.label_values,
         "label_map": s.label_map,
-        "weight": s.weight,
+        # The sampling weight is read from the config when training starts; a constant stands in
+        # its place so that caches prepared while it was part of the fingerprint stay valid.
+        "weight": 1.0,
         "split": [s.split.folds, s.split.fold, s.split.seed, s.split.group_pattern, s.split.val],
         "cases": [[c.case_id, stat(c.image), stat(c.label)] for c in s.cases],
     }
@@ -477,7 +479,6 @@ def _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary
             "source_label_values": s.label_values,
             "label_map": s.label_map,
             "normalization": stats[s.name],
-            "weight": s.weight,
             "flip": list(s.flip),
             "fov": s.fov,
             "fingerprint": dataset_fingerprint(s),

@@ -34,7 +34,7 @@ from ..files import write_json
 from ..model.base import SegmentationModel
 from ..model.moe import MoEMLP
 from ..model.presets import build_model
-from .common import ensure_cache, experiment_datasets, write_run_config
+from .common import ensure_cache, experiment_datasets, sampling_weights, write_run_config
 from .finetune import SegmentationTask
 from .loop import History, fit, setup_runtime
 from .pretrain import batch_mask, pretrain_mask
@@ -224,7 +224,8 @@ def run_add_modality(
     in_run = new_slices if mode == "freeze_old" else config_slices
     sampler_mask = cache.slice_mask("train") & in_run & cache.index["labeled"]
     history = fit(task, cache, config, out, runtime, epochs=config.epochs, lr=config.lr,
-                  sampler_mask=sampler_mask, progress=progress)  # fmt: skip
+                  sampler_mask=sampler_mask, dataset_weights=sampling_weights(experiment, cache),
+                  progress=progress)  # fmt: skip
     return history, {"modality": modality, "datasets": new_datasets, "parameters_added": added}
 
 

@@ -83,7 +83,7 @@ def _check_subset(experiment: ExperimentConfig, cache_dir: Path, meta: dict) -> 
     if changed:
         raise ConfigError(
             f"{cache_dir}: datasets {changed} were prepared with other settings or files (split, label_map, "
-            f"normalization, weight, cases, flip, fov); prepare a cache for this config (another --cache) or "
+            f"normalization, cases, flip, fov); prepare a cache for this config (another --cache) or "
             "rebuild this one"
         )
 
@@ -92,6 +92,13 @@ def experiment_datasets(experiment: ExperimentConfig, cache: SliceCache) -> list
     """The cache's datasets that the config names, in cache order."""
     wanted = _dataset_names(experiment)
     return [n for n in cache.dataset_names if n in wanted]
+
+
+def sampling_weights(experiment: ExperimentConfig, cache: SliceCache) -> list[float]:
+    """Each cached dataset's sampling weight from the config (1 for datasets the config leaves out;
+    the sampler's mask keeps them out of the run anyway), in the cache's order."""
+    weights = {d.name or Path(d.path).name: d.weight for d in experiment.datasets}
+    return [weights.get(name, 1.0) for name in cache.dataset_names]
 
 
 def _dataset_names(experiment: ExperimentConfig) -> set[str]:

@@ -15,7 +15,14 @@ from ..data.loader import SliceCache
 from ..files import write_json
 from ..model.base import SegmentationModel
 from ..model.mae import load_pretrained
-from .common import ensure_cache, experiment_datasets, inference_metadata, model_for, write_run_config
+from .common import (
+    ensure_cache,
+    experiment_datasets,
+    inference_metadata,
+    model_for,
+    sampling_weights,
+    write_run_config,
+)
 from .loop import History, Runtime, fit, freeze_unused_gates, setup_runtime
 from .losses import deep_supervision_loss, segmentation_loss
 from .validate import validate
@@ -153,6 +160,7 @@ def _train_one(experiment, cache, datasets, out: Path, runtime: Runtime, init, r
         epochs=config.epochs,
         lr=config.lr,
         sampler_mask=cache.slice_mask("train") & in_run & cache.index["labeled"],
+        dataset_weights=sampling_weights(experiment, cache),
         resume=resume,
         progress=progress,
         stop_at_step=stop_at_step,

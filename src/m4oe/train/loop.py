@@ -245,6 +245,7 @@ def fit(
     epochs: int,
     lr: float,
     sampler_mask,
+    dataset_weights: list[float] | None = None,
     resume: bool = False,
     validate: bool = True,
     progress: bool = True,
@@ -252,7 +253,9 @@ def fit(
 ) -> History:
     """Train ``task.module`` on batches from ``cache``; see the module docstring.
 
-    ``stop_at_step`` interrupts the run just before that step (as a kill would), for tests.
+    ``dataset_weights`` (in the cache's dataset order) sets how often each dataset is drawn
+    (default: balanced). ``stop_at_step`` interrupts the run just before that step (as a kill
+    would), for tests.
     """
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "last").exists():
@@ -269,6 +272,7 @@ def fit(
         cache,
         config.batch_size,
         mask=sampler_mask,
+        dataset_weights=dataset_weights,
         samples_per_epoch=config.samples_per_epoch,
         foreground_fraction=config.foreground_fraction,
         seed=config.seed,

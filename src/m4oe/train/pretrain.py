@@ -13,7 +13,14 @@ from ..config import ExperimentConfig
 from ..data.loader import SliceCache
 from ..model.base import SegmentationModel
 from ..model.mae import MAEPretrainer
-from .common import ensure_cache, experiment_datasets, inference_metadata, model_for, write_run_config
+from .common import (
+    ensure_cache,
+    experiment_datasets,
+    inference_metadata,
+    model_for,
+    sampling_weights,
+    write_run_config,
+)
 from .loop import History, fit, freeze_unused_gates, setup_runtime
 
 
@@ -77,6 +84,7 @@ def run_pretrain(
         epochs=config.pretrain_epochs,
         lr=config.pretrain_lr,
         sampler_mask=pretrain_mask(cache) & cache.dataset_mask(model.dataset_names),
+        dataset_weights=sampling_weights(experiment, cache),
         resume=resume,
         validate=False,
         progress=progress,
