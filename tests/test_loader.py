@@ -51,6 +51,8 @@ def test_sampler_weights_and_reproducibility(cache):
     assert abs((cache.index["dataset"][picks] == 0).mean() - 0.75) < 0.03
     assert np.array_equal(picks, sampler.epoch_batches(0))
     assert not np.array_equal(picks, sampler.epoch_batches(1))
+    with pytest.raises(ValueError, match="1 dataset weights for a cache of 2 datasets"):
+        BalancedBatchSampler(cache, batch_size=10, dataset_weights=[3.0])
     sampler.set_epoch(0, start_batch=7)
     assert np.array_equal(np.stack(list(sampler)), picks[7:])
 
