@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, ExperimentConfig, experiment_to_dict
+from ..config import ConfigError, DatasetConfig, ExperimentConfig, experiment_to_dict
 from ..data.loader import SliceCache
 from ..files import write_text
 from ..model.base import SegmentationModel
@@ -97,12 +97,17 @@ def experiment_datasets(experiment: ExperimentConfig, cache: SliceCache) -> list
 def sampling_weights(experiment: ExperimentConfig, cache: SliceCache) -> list[float]:
     """Each cached dataset's sampling weight from the config (1 for datasets the config leaves out;
     the sampler's mask keeps them out of the run anyway), in the cache's order."""
-    weights = {d.name or Path(d.path).name: d.weight for d in experiment.datasets}
+    weights = {_dataset_name(d): d.weight for d in experiment.datasets}
     return [weights.get(name, 1.0) for name in cache.dataset_names]
 
 
 def _dataset_names(experiment: ExperimentConfig) -> set[str]:
-    return {d.name or Path(d.path).name for d in experiment.datasets}
+    return {_dataset_name(d) for d in experiment.datasets}
+
+
+def _dataset_name(dataset: DatasetConfig) -> str:
+    """The name the cache holds a dataset under: its ``name``, else its folder's."""
+    return dataset.name or Path(dataset.path).name
 
 
 def model_for(experiment: ExperimentConfig, cache: SliceCache, datasets: list[str] | None = None) -> SegmentationModel:
