@@ -113,7 +113,7 @@ def _bench_model(cfg: BenchConfig) -> dict[str, Any]:
             if ".gate." in name:
                 p.requires_grad_(False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    image = torch.randn(cfg.batch, 1, S, S, device=device)
+    image = torch.randn(cfg.batch, model.config.in_chans, S, S, device=device)
     target = torch.randint(0, cfg.classes, (cfg.batch, S, S), device=device)
     modality = torch.arange(cfg.batch, device=device) % E
     dataset = torch.zeros(cfg.batch, dtype=torch.long, device=device)
@@ -136,7 +136,7 @@ def _bench_model(cfg: BenchConfig) -> dict[str, Any]:
         result["train_tflops"] = _significant(3 * flops * cfg.batch / seconds / 1e12)  # backward ~ 2x forward
 
     model.eval()
-    infer_image = torch.randn(cfg.infer_batch, 1, S, S, device=device)
+    infer_image = torch.randn(cfg.infer_batch, model.config.in_chans, S, S, device=device)
     infer_modality = 0 if cfg.routing == "hard" else torch.arange(cfg.infer_batch, device=device) % E
     precision = cfg.precision
     if cfg.pure_bf16_infer:

@@ -27,7 +27,8 @@ class ModelConfig:
             ``qkv_bias`` do not apply to it).
         img_size: side of the square input slice in pixels; a multiple of ``32 * window_size``.
         patch_size: side of the patch embedding (Swin-Unet uses 4).
-        in_chans: image channels (1: medical slices are not repeated to RGB).
+        in_chans: input channels, ``1 + 2 * slice_context`` (set from it; medical slices are not
+            repeated to RGB).
         embed_dim: token width of the first stage; stage ``i`` has ``embed_dim * 2**i``.
         depths: Swin blocks per encoder stage (the decoder mirrors them).
         num_heads: attention heads per stage.
@@ -55,6 +56,9 @@ class ModelConfig:
         full_res_convs: ``convnext`` only: residual units ``x + GELU(Norm(Conv3x3(x)))`` at full
             resolution, that many after the stem and that many before the head (dense, no experts).
             Without them the last decoder level only fuses the upsampled features with the stem's.
+        slice_context: neighbouring slices on each side given with each slice as extra input
+            channels (2.5D input: ``[z - k, ..., z + k]``, zero beyond the volume), so that the model
+            sees where it is in the stack (the base of the heart, the ends of an organ).
     """
 
     arch: str = "swin"
@@ -80,8 +84,11 @@ class ModelConfig:
     init: str = "trunc_normal"
     spatial: str = "depthwise"
     full_res_convs: int = 0
+    slice_context: int = 0
 
     def __post_init__(self) -> None:
+        if self.in_chans == 1 and self.slice_context > 0:
+            object.__setattr__(self, "in_chans", 1 + 2 * self.slice_context)
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
         try:
@@ -117,6 +124,13 @@ class ModelConfig:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.mlp_ratio <= 0:
             raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.slice_context < 0:
+            raise ConfigError(f"slice_context must be >= 0, got {self.slice_context}")
+        if self.in_chans != 1 + 2 * self.slice_context:
+            raise ConfigError(
+                f"in_chans {self.in_chans} does not match slice_context {self.slice_context}: the input is each "
+                f"slice with its neighbours, 1 + 2 * slice_context channels; set slice_context, not in_chans"
+            )
         for m, e in self.closed_experts:
             if m < 0 or e < 0 or m == e:
                 raise ConfigError(f"closed_experts: ({m}, {e}) must be indices >= 0 and never a modality's own expert")

@@ -86,16 +86,32 @@ class SliceCache:
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalised images ``[n, S, S]`` float32 and labels ``[n, S, S]`` uint8 of some slices."""
-        images, labels = self._open()
         indices = np.asarray(indices, dtype=np.int64)
+        return self._read_images(indices), self._read(self._open()[1], indices)
+
+    def read_context(self, indices: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images ``[n, 1 + 2k, S, S]`` of some slices, each with its ``k = context`` neighbours of the
+        same case on either side in z order (zero beyond the case, as :func:`stack_slice_context`
+        pads a volume), and the labels ``[n, S, S]`` of the slices themselves."""
+        indices = np.asarray(indices, dtype=np.int64)
+        offsets = np.arange(-context, context + 1)
+        near = np.clip(indices[:, None] + offsets, 0, len(self) - 1)  # [n, 1 + 2k]
+        case, z = self.index["case"], self.index["z"]
+        inside = (case[near] == case[indices][:, None]) & (z[near] == z[indices][:, None] + offsets)
+        images = self._read_images(near.ravel()).reshape(*near.shape, self.img_size, self.img_size)
+        images[~inside] = 0.0
+        return images, self._read(self._open()[1], indices)
+
+    def _read_images(self, indices: np.ndarray) -> np.ndarray:
+        stored = self._read(self._open()[0], indices).astype(np.float32)
+        return stored * self.index["scale"][indices][:, None, None] + self.index["offset"][indices][:, None, None]
+
+    @staticmethod
+    def _read(array: np.ndarray, indices: np.ndarray) -> np.ndarray:
         order = np.argsort(indices, kind="stable")  # sequential reads, then back to the asked order
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
-        sorted_idx = indices[order]
-        stored = images[sorted_idx][inverse].astype(np.float32)
-        scale = self.index["scale"][indices][:, None, None]
-        offset = self.index["offset"][indices][:, None, None]
-        return stored * scale + offset, np.asarray(labels[sorted_idx][inverse])
+        return np.asarray(array[indices[order]][inverse])
 
     def slice_mask(self, split: str = "train") -> np.ndarray:
         """Slices of the ``train`` or ``val`` cases (validation fold of each dataset), or ``all``."""
@@ -209,11 +225,27 @@ class BalancedBatchSampler:
             yield batch[self.part]
 
 
-class SliceBatches(torch.utils.data.Dataset):
-    """Map-style dataset whose "index" is a whole array of slice indices: one read per batch."""
+def stack_slice_context(slices: torch.Tensor, context: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """The model input of a volume's slices ``[Z, S, S]``: ``[n, 1 + 2k, S, S]`` for the slices
+    ``start:stop`` (default all), each with its ``k = context`` neighbours on either side in z order,
+    zero beyond the volume (``[n, 1, S, S]`` for ``k = 0``)."""
+    Z = slices.shape[0]
+    stop = Z if stop is None else min(stop, Z)
+    if context == 0:
+        return slices[start:stop].unsqueeze(1)
+    lo, hi = max(start - context, 0), min(stop + context, Z)
+    before = slices.new_zeros(lo - (start - context), *slices.shape[1:])
+    after = slices.new_zeros(stop + context - hi, *slices.shape[1:])
+    padded = torch.cat([before, slices[lo:hi], after])  # slices start - k ... stop + k - 1
+    return torch.stack([padded[i : i + stop - start] for i in range(2 * context + 1)], dim=1)
 
-    def __init__(self, cache: SliceCache) -> None:
-        self.cache = cache
+
+class SliceBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose "index" is a whole array of slice indices: one read per batch. With
+    ``context`` each image is the slice between its neighbours (:meth:`SliceCache.read_context`)."""
+
+    def __init__(self, cache: SliceCache, context: int = 0) -> None:
+        self.cache, self.context = cache, context
         self.dataset = torch.from_numpy(cache.index["dataset"].astype(np.int64))
         self.modality = torch.from_numpy(cache.index["modality"].astype(np.int64))
 
@@ -221,10 +253,10 @@ class SliceBatches(torch.utils.data.Dataset):
         return len(self.cache)
 
     def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        images, labels = self.cache.read(indices)
+        images, labels = self.cache.read_context(indices, self.context)
         idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         return {
-            "image": torch.from_numpy(images).unsqueeze(1),
+            "image": torch.from_numpy(images),
             "label": torch.from_numpy(labels.astype(np.int64)),
             "modality": self.modality[idx],
             "dataset": self.dataset[idx],
@@ -237,10 +269,12 @@ def make_loader(
     sampler: BalancedBatchSampler,
     workers: int = 2,
     pin_memory: bool = False,
+    context: int = 0,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding ready batches from the cache (``workers`` processes prefetching)."""
+    """A DataLoader yielding ready batches from the cache (``workers`` processes prefetching), each
+    image with ``context`` neighbouring slices on either side (the model's ``slice_context``)."""
     return torch.utils.data.DataLoader(
-        SliceBatches(cache),
+        SliceBatches(cache, context),
         sampler=sampler,
         batch_size=None,
         generator=torch.Generator().manual_seed(0),  # leave the global RNG (drop path) untouched

@@ -20,6 +20,7 @@ import torch
 
 from ..config import ROUTING_MODES
 from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, flip_in_plane, read_volume, write_volume
+from ..data.loader import stack_slice_context
 from ..data.normalize import normalize
 from ..data.postprocess import keep_largest_components
 from ..data.resample import SlicePlan, fit_slices, unfit_logits
@@ -196,6 +197,11 @@ class Predictor:
         plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size, fov)
         return fit_slices(normalize(flip_in_plane(volume.array, flip or []), normalization), plan), plan
 
+    def model_input(self, slices: torch.Tensor, start: int) -> torch.Tensor:
+        """The batch of prepared slices from ``start``: ``[b, 1 + 2k, size, size]``, each slice with the
+        model's ``slice_context`` neighbours on either side."""
+        return stack_slice_context(slices, self.model.config.slice_context, start, start + self.batch_size)
+
     @torch.no_grad()
     def predict_volume(
         self, volume: Volume, dataset: str | None = None, modality: str | None = None, probabilities: bool = False
@@ -211,7 +217,7 @@ class Predictor:
         gate_sum, gate_count = None, 0
         modality = request["modality"]  # one int for the whole batch: fast hard routing
         for start in range(0, Z, self.batch_size):
-            batch = slices[start : start + self.batch_size].unsqueeze(1).to(self.device, self.dtype)
+            batch = self.model_input(slices, start).to(self.device, self.dtype)
             b = batch.shape[0]
             dataset = None
             if request["dataset"] is not None:

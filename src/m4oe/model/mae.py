@@ -89,6 +89,11 @@ def load_pretrained(model: SegmentationModel, pretrained: SegmentationModel) -> 
     initialised from the encoder stage of the same width, as Swin-Unet does. Gates and the head keep
     their fresh initialisation. Returns a report of what was copied.
     """
+    if pretrained.config.slice_context != model.config.slice_context:
+        raise ValueError(
+            f"the pre-trained model saw slices with {pretrained.config.slice_context} neighbours on each side and "
+            f"this one takes {model.config.slice_context}: pre-train again with the same model.slice_context"
+        )
     report: dict[str, list[str]] = {"encoder": [], "mirrored": [], "new_experts": []}
     source = dict(pretrained.named_parameters())
     expert_map = [pretrained.modalities.index(m) if m in pretrained.modalities else -1 for m in model.modalities]

@@ -205,7 +205,7 @@ def run_add_modality(
         _pretrain_new_expert(model, experiment, cache, out / "pretrain", runtime, progress)
     else:
         sample = train_new[np.linspace(0, len(train_new) - 1, min(32, len(train_new))).astype(int)]
-        images = torch.from_numpy(cache.read(sample)[0]).unsqueeze(1)
+        images = torch.from_numpy(cache.read_context(sample, old.config.slice_context)[0])
         init_new_expert(model, favoured_experts(old, images))
     no_decay = freeze_old(model, len(old.class_names), len(old.modalities))[0] if mode == "freeze_old" else []
     routing = config.routing or model.config.routing

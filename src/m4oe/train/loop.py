@@ -324,7 +324,7 @@ def fit(
     loss_module = torch.compile(train_module) if use_compile else train_module
     autocast = autocast_factory(runtime.device, config.amp)
     augment = AugmentConfig() if config.augment else None
-    loader = make_loader(cache, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
+    loader = make_loader(cache, sampler, config.workers, runtime.device.type == "cuda", task.model.config.slice_context)
 
     divergence = Divergence(runtime.device)
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from ..data.loader import SliceCache
+from ..data.loader import SliceCache, stack_slice_context
 from ..data.postprocess import keep_largest_components
 from ..model.base import SegmentationModel
 from ..model.head import class_argmax
@@ -87,9 +87,10 @@ def validate(
         modality = int(cache.index["modality"][start])
         model_d = dataset_map[d] if dataset_map else d
         model_m = modality_map[modality] if modality_map else modality
+        inputs = stack_slice_context(torch.from_numpy(images), model.config.slice_context)
         preds = []
         for i in range(0, n, batch_size):
-            chunk = torch.from_numpy(images[i : i + batch_size]).unsqueeze(1).to(device)
+            chunk = inputs[i : i + batch_size].to(device)
             b = chunk.shape[0]
             ds = torch.full((b,), model_d, dtype=torch.long, device=device)
             with autocast():

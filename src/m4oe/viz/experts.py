@@ -26,7 +26,7 @@ def gate_maps(predictor: Predictor, volume, dataset: str | None, modality: str |
     per_block: list[list[torch.Tensor]] = []
     preds = []
     for start in range(0, slices.shape[0], predictor.batch_size):
-        batch = slices[start : start + predictor.batch_size].unsqueeze(1).to(device, predictor.dtype)
+        batch = predictor.model_input(slices, start).to(device, predictor.dtype)
         b = batch.shape[0]
         mod = request["modality"]
         ds = None if request["dataset"] is None else torch.full((b,), request["dataset"], device=device)
