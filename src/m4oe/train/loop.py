@@ -324,7 +324,8 @@ def fit(
     loss_module = torch.compile(train_module) if use_compile else train_module
     autocast = autocast_factory(runtime.device, config.amp)
     augment = AugmentConfig() if config.augment else None
-    loader = make_loader(cache, sampler, config.workers, runtime.device.type == "cuda", task.model.config.slice_context)
+    pin_memory, context = runtime.device.type == "cuda", task.model.config.slice_context
+    loader = make_loader(cache, sampler, workers=config.workers, pin_memory=pin_memory, context=context)
 
     divergence = Divergence(runtime.device)
 
