@@ -171,3 +171,23 @@ def test_phase_two_refuses_an_encoder_pre_trained_on_other_inputs():
     with pytest.raises(ValueError, match="saw slices with 0 neighbours on each side and this one takes 1"):
         load_pretrained(stacked, flat)
     assert load_pretrained(flat, create_model("m4oe-convnext-s", modalities=["CT"], label_sets=labels, img_size=32))
+
+
+@pytest.mark.parametrize("preset, size", [("tiny", MICRO), ("m4oe-convnext-s", {"img_size": 32})])
+def test_a_new_model_computes_what_its_2d_twin_computes_whatever_the_neighbours(preset, size):
+    labels = {"a": ["background", "x", "y"]}
+    stacked = create_model(preset, modalities=["CT", "MRI"], label_sets=labels, slice_context=1, **size).eval()
+    flat = create_model(preset, modalities=["CT", "MRI"], label_sets=labels, **size).eval()
+    weights = dict(stacked.state_dict())
+    stem = weights["patch_embed.proj.weight"]
+    assert stem[:, 1].abs().sum() > 0 and stem[:, 0].abs().sum() == 0 and stem[:, 2].abs().sum() == 0
+    weights["patch_embed.proj.weight"] = stem[:, 1:2]  # the 2D twin: the same network on the centre slice
+    flat.load_state_dict(weights)
+    S = size["img_size"]
+    volume = torch.randn(2, 3, S, S)
+    modality = torch.tensor([0, 1])
+    with torch.no_grad():
+        expected = flat(volume[:, 1:2], modality)
+        for neighbours in (torch.zeros(2, 2, S, S), 5 * torch.randn(2, 2, S, S)):
+            image = torch.cat([neighbours[:, :1], volume[:, 1:2], neighbours[:, 1:]], dim=1)
+            torch.testing.assert_close(stacked(image, modality), expected)

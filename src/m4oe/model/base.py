@@ -100,6 +100,17 @@ class SegmentationModel(nn.Module):
             check_index_range(name, ids, count)
 
 
+def start_from_centre_slice(stem: nn.Conv2d, context: int) -> None:
+    """2.5D input (``context`` neighbours on each side): zero the stem's weights on the neighbour
+    channels, so that a new model computes what its 2D twin computes and learns from there what the
+    neighbours add. (Every stem is followed by a norm, so the centre weights keep their own scale.)"""
+    if context == 0:
+        return
+    with torch.no_grad():
+        neighbours = [c for c in range(stem.in_channels) if c != context]
+        stem.weight[:, neighbours] = 0
+
+
 def init_weights(module: nn.Module, layers: tuple[type[nn.Module], ...] = (nn.Linear,), he: bool = False) -> None:
     """Initialise one module (``model.apply``): weights of ``layers`` truncated normal with std 0.02
     (Swin, ConvNeXt) or, with ``he``, He normal (nnU-Net); zero biases; LayerNorms the identity."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import SegmentationModel, init_weights
+from .base import SegmentationModel, init_weights, start_from_centre_slice
 from .head import DynamicHead
 from .swin import DropPath
 
@@ -179,6 +179,7 @@ class ConvNeXtUNet(SegmentationModel):
         self.aux_norms = nn.ModuleList(make_norm(cfg.norm, dims[i]) for i in levels)
         self.aux_heads = nn.ModuleList(DynamicHead(dims[i], self.label_mask()) for i in levels)
         self.apply(partial(init_weights, layers=(nn.Linear, nn.Conv2d, nn.ConvTranspose2d), he=cfg.init == "kaiming"))
+        start_from_centre_slice(self.patch_embed.proj, cfg.slice_context)
 
     @property
     def bottleneck_stride(self) -> int:

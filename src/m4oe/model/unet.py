@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .base import SegmentationModel, init_weights
+from .base import SegmentationModel, init_weights, start_from_centre_slice
 from .head import DynamicHead
 from .swin import PatchEmbed, PatchExpand, PatchMerging, SwinStage
 
@@ -54,6 +54,7 @@ class M4oEUNet(SegmentationModel):
         self.final_expand = PatchExpand(dims[0], dims[0], cfg.patch_size)
         self.head = DynamicHead(dims[0], self.label_mask())
         self.apply(init_weights)
+        start_from_centre_slice(self.patch_embed.proj, cfg.slice_context)
 
     @property
     def bottleneck_stride(self) -> int:
