@@ -58,7 +58,8 @@ class ModelConfig:
             Without them the last decoder level only fuses the upsampled features with the stem's.
         slice_context: neighbouring slices on each side given with each slice as extra input
             channels (2.5D input: ``[z - k, ..., z + k]``, zero beyond the volume), so that the model
-            sees where it is in the stack (the base of the heart, the ends of an organ).
+            sees where it is in the stack (the base of the heart, the ends of an organ). A new
+            model starts as its 2D twin: the stem's weights on the neighbours start at zero.
     """
 
     arch: str = "swin"
