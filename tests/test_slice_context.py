@@ -184,10 +184,10 @@ def test_a_new_model_computes_what_its_2d_twin_computes_whatever_the_neighbours(
     weights["patch_embed.proj.weight"] = stem[:, 1:2]  # the 2D twin: the same network on the centre slice
     flat.load_state_dict(weights)
     S = size["img_size"]
-    volume = torch.randn(2, 3, S, S)
+    slices = torch.randn(2, 3, S, S)  # a slice between its two neighbours, twice
     modality = torch.tensor([0, 1])
     with torch.no_grad():
-        expected = flat(volume[:, 1:2], modality)
+        expected = flat(slices[:, 1:2], modality)
         for neighbours in (torch.zeros(2, 2, S, S), 5 * torch.randn(2, 2, S, S)):
-            image = torch.cat([neighbours[:, :1], volume[:, 1:2], neighbours[:, 1:]], dim=1)
+            image = torch.cat([neighbours[:, :1], slices[:, 1:2], neighbours[:, 1:]], dim=1)
             torch.testing.assert_close(stacked(image, modality), expected)
