@@ -325,3 +325,67 @@ def test_a_ct_given_to_an_mri_model_is_warned_about(tmp_path):
     report = predict_paths(predictor, [ct_path, mri_path], tmp_path / "out", dataset="phantom", progress=False)
     assert [p for p, _ in report.warnings] == [ct_path]
     assert "looks like a CT" in report.warnings[0][1] and len(report.written) == 2
+
+
+def test_rotate_slices_matches_rot90_and_undoes_itself():
+    from m4oe.infer.predict import rotate_slices
+
+    x = torch.randn(2, 3, 12, 12)
+    for degrees, k in ((90, 1), (-90, -1), (180, 2)):  # positive: counter-clockwise as displayed (row 0 on top)
+        assert torch.allclose(rotate_slices(x, degrees), torch.rot90(x, k, dims=(-2, -1)), atol=1e-5)
+    smooth = torch.nn.functional.interpolate(torch.randn(1, 1, 6, 6), size=(48, 48), mode="bicubic")
+    back = rotate_slices(rotate_slices(smooth, 10), -10)
+    inner = (slice(None), slice(None), slice(12, 36), slice(12, 36))  # away from the corners rotated out
+    assert (back - smooth)[inner].abs().max() < 0.05 * smooth.abs().max()
+    assert rotate_slices(x.bfloat16(), 90).dtype == torch.bfloat16
+
+
+class PlaceModel(M4oEUNet):
+    """Stand-in for a position-bound model: 'liver' in a fixed, asymmetric part of its input."""
+
+    def forward(self, image, modality=None, dataset=None, return_gates=False, routing=None):
+        liver = torch.full(image.shape[-2:], -20.0)
+        liver[:20, :40] = liver[50:, :10] = 20.0
+        liver = liver.expand(image.shape[0], *liver.shape).to(image.dtype)
+        logits = torch.stack([torch.zeros_like(liver), liver, torch.full_like(liver, -1e4)], dim=1)
+        return (logits, []) if return_gates else logits
+
+
+def test_rotation_tta_maps_every_view_back_before_averaging(tmp_path):
+    # a pointwise model is rotation- and mirror-equivariant: with exact (90 degree) views every view
+    # agrees once mapped back, so TTA changes no probability; one mapped back the wrong way would
+    path = write_image(tmp_path / "in" / "a_0000.nii.gz", l_shape(shape=(3, 64, 64)))
+    plain = Predictor(threshold_model()).predict_volume(read_volume(path), "phantom", probabilities=True)
+    assert (plain.labels == 6).sum() > 100
+    for tta in (False, True):
+        predictor = Predictor(threshold_model(), tta=tta, rotations=(90,))
+        rotated = predictor.predict_volume(read_volume(path), "phantom", probabilities=True)
+        assert (rotated.labels == plain.labels).all()
+        difference = rotated.probabilities.astype(np.float32) - plain.probabilities.astype(np.float32)
+        assert np.abs(difference).max() < 0.01, tta
+    # a position-bound model: each view's answer, mapped back with rot90 / flip (reference), averaged
+    model = PlaceModel(ModelConfig(**{**MICRO, "depths": (1, 1, 1, 1)}), ["CT"], {"phantom": LABELS})
+    model.bundle_extra = EXTRA
+    place = model(torch.zeros(1, 1, 64, 64)).softmax(1)[0, 1]  # [64, 64], 0 or 1
+    views = {False: [place, torch.rot90(place, -1), torch.rot90(place, 1)]}  # plain, +90 and -90 mapped back
+    views[True] = views[False] + [torch.rot90(v.flip(-1), k) for v, k in ((place, 0), (place, -1), (place, 1))]
+    for tta, maps in views.items():
+        predictor = Predictor(model, tta=tta, rotations=(90,))
+        liver = predictor.predict_volume(read_volume(path), "phantom", probabilities=True).probabilities[1]
+        expected = torch.stack(maps).mean(0).numpy()  # the file's 64 x 64 grid is the model's grid
+        assert len(np.unique(expected.round(3))) >= 3
+        assert np.allclose(liver.astype(np.float32), expected[None], atol=0.01), tta
+
+
+def test_cli_predict_rejects_bad_rotation_angles(tmp_path):
+    model = create_model("tiny", modalities=["CT"], label_sets={"phantom": LABELS}, **MICRO)
+    save_bundle(model, tmp_path / "bundle", extra=EXTRA)
+    write_image(tmp_path / "in" / "a_0000.nii.gz", l_shape(shape=(3, 20, 20)))
+    args = ["predict", "-m", str(tmp_path / "bundle"), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")]
+    for value, message in (("ten", "give angles in degrees separated by commas"), ("10,0", "must be in (0, 180]")):
+        result = CliRunner().invoke(app, [*args, "--dataset", "phantom", "--tta-rotate", value])
+        assert result.exit_code == 1 and f"--tta-rotate '{value}'" in result.output and message in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    ok = CliRunner().invoke(app, [*args, "--dataset", "phantom", "--tta-rotate", "10,20"])
+    assert ok.exit_code == 0 and (tmp_path / "out" / "a.nii.gz").is_file()

@@ -207,6 +207,19 @@ def add_modality(
     console.print(f"bundles in {out / 'best'} and {out / 'last'}", highlight=False)
 
 
+def _angles(text: str | None) -> tuple[float, ...]:
+    """``--tta-rotate``'s comma-separated angles; anything else is a PredictError naming the option."""
+    from .infer.predict import PredictError, check_rotations
+
+    if not text:
+        return ()
+    try:
+        return check_rotations([float(word) for word in text.split(",")])
+    except ValueError as err:  # a word that is not a number, or an angle out of range (PredictError)
+        detail = err if isinstance(err, PredictError) else "give angles in degrees separated by commas, e.g. 10,20"
+        raise PredictError(f"--tta-rotate {text!r}: {detail}") from None
+
+
 @app.command()
 def predict(
     model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder (e.g. RUN/best)."),
@@ -215,6 +228,9 @@ def predict(
     dataset: str = typer.Option(None, help="Label set and normalisation of this training dataset."),
     modality: str = typer.Option(None, help="Expert of the input; without it the gate decides."),
     tta: bool = typer.Option(False, help="Average with the left-right mirrored prediction."),
+    tta_rotate: str = typer.Option(
+        None, help="Also average over in-plane rotations by + and - each angle in degrees, e.g. 10,20 (5 views)."
+    ),
     keep_largest: bool = typer.Option(False, help="Keep the largest connected component of every label."),
     postprocess: bool = typer.Option(
         True, help="With --dataset: keep the largest component of the labels where training's validation chose it."
@@ -232,10 +248,11 @@ def predict(
     from .infer.predict import PredictError, Predictor, collect_inputs, predict_paths
 
     try:
+        rotations = _angles(tta_rotate)
         bundle = load_bundle(model)
         predictor = Predictor(
             bundle, device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing, precision=precision,
-            postprocess=postprocess,
+            postprocess=postprocess, rotations=rotations,
         )  # fmt: skip
         largest_only = predictor.resolve(dataset, modality)["largest_only"]
         report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities)

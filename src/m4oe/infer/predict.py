@@ -2,13 +2,15 @@
 
 Each volume is reoriented to the canonical axis order, normalised with the bundle's statistics of
 the chosen dataset, sliced and fitted to the model input as in training, predicted in batches (bf16
-on GPU), the logits (or flip-averaged probabilities) are resampled back to the original slice grid
-before the argmax, and the label map is written in the file's own orientation, spacing, origin and
-direction, with the chosen dataset's label numbers (or union-vocabulary indices).
+on GPU), the logits (or the probabilities averaged over test-time views: mirrored, rotated) are
+resampled back to the original slice grid before the argmax, and the label map is written in the
+file's own orientation, spacing, origin and direction, with the chosen dataset's label numbers (or
+union-vocabulary indices).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..config import ROUTING_MODES
 from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, flip_in_plane, read_volume, write_volume
@@ -70,6 +73,26 @@ def cpu_threads() -> int:
     return os.cpu_count() or 1
 
 
+def check_rotations(angles) -> tuple[float, ...]:
+    """Test-time rotation angles in degrees, each in (0, 180]; raises :class:`PredictError` otherwise."""
+    angles = tuple(float(a) for a in angles)
+    bad = [a for a in angles if not 0 < a <= 180]
+    if bad:
+        raise PredictError(f"rotation angles must be in (0, 180] degrees (each is used as + and -), got {bad}")
+    return angles
+
+
+def rotate_slices(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """``[B, C, H, W]`` rotated in-plane about the centre by ``degrees`` (counter-clockwise as an image
+    is shown, row 0 at the top), bilinear, edge values repeated outside; computed in float32."""
+    t = math.radians(degrees)
+    cos, sin = math.cos(t), math.sin(t)
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], device=x.device).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.to(x.dtype)
+
+
 class Predictor:
     """Segments volumes with a model bundle.
 
@@ -80,6 +103,9 @@ class Predictor:
         batch_size: slices per forward pass (default: 16 on a GPU, 8 on a CPU, where larger batches
             were slower end to end and take more memory).
         tta: average the probabilities of the slice and its left-right mirror.
+        rotations: angles in degrees; also average the probabilities of the slice rotated in-plane by
+            plus and minus each angle (rotated back before averaging; with ``tta``, each rotation is
+            mirrored too). ``(10, 20)`` gives five views.
         keep_largest: keep only the largest connected component of every class.
         postprocess: apply the bundle's post-processing for the request's dataset: keep the largest
             connected component of the classes where training's validation found that this raised
@@ -103,6 +129,7 @@ class Predictor:
         routing: str | None = None,
         precision: str = "auto",
         postprocess: bool = True,
+        rotations: tuple[float, ...] = (),
     ) -> None:
         self.device = resolve_device(device)
         # The whole model runs in bf16 (weights and activations), not under autocast: faster.
@@ -117,6 +144,7 @@ class Predictor:
         if batch_size < 1:
             raise PredictError(f"batch size must be at least 1, got {batch_size}")
         self.batch_size, self.tta, self.keep_largest = batch_size, tta, keep_largest
+        self.rotations = check_rotations(rotations)
         self.postprocess = postprocess
         self.mirror_classes = torch.tensor(mirror_permutation(model.class_names), device=self.device)
         self.datasets = getattr(model, "bundle_extra", {}).get("datasets", {})
@@ -202,6 +230,25 @@ class Predictor:
         model's ``slice_context`` neighbours on either side."""
         return stack_slice_context(slices, self.model.config.slice_context, start, start + self.batch_size)
 
+    def average_views(self, batch: torch.Tensor, logits: torch.Tensor, modality, dataset) -> torch.Tensor:
+        """Mean softmax over the test-time views of ``batch`` (``logits``: the plain view's), each
+        mapped back onto the slice: rotations by plus and minus each angle, and with ``tta`` the
+        left-right mirror of every view."""
+        total, count = logits.float().softmax(1), 1
+        for angle in (0.0, *(sign * a for a in self.rotations for sign in (1, -1))):
+            view = rotate_slices(batch, angle) if angle else batch
+            if angle:
+                total = total + rotate_slices(self.model(view, modality, dataset).float().softmax(1), -angle)
+                count += 1
+            if self.tta:
+                flipped = self.model(view.flip(-1), modality, dataset)
+                # in the mirrored slice the right kidney lies where the left one belongs, and the model
+                # (trained without flips) calls it left: swap the paired classes back when un-mirroring
+                mirrored = flipped.float().flip(-1).softmax(1)[:, self.mirror_classes]
+                total = total + (rotate_slices(mirrored, -angle) if angle else mirrored)
+                count += 1
+        return total / count
+
     @torch.no_grad()
     def predict_volume(
         self, volume: Volume, dataset: str | None = None, modality: str | None = None, probabilities: bool = False
@@ -223,22 +270,16 @@ class Predictor:
             if request["dataset"] is not None:
                 dataset = torch.full((b,), request["dataset"], dtype=torch.long, device=self.device)
             logits, gates = self.model(batch, modality, dataset, return_gates=True)
-            if self.tta:
-                flipped = self.model(batch.flip(-1), modality, dataset)
-                # in the mirrored slice the right kidney lies where the left one belongs, and the model
-                # (trained without flips) calls it left: swap the paired classes back when un-mirroring
-                mirrored = flipped.float().flip(-1).softmax(1)[:, self.mirror_classes]
-                scores = (logits.float().softmax(1) + mirrored) / 2
-            else:
-                scores = logits.float()
+            averaged = self.tta or bool(self.rotations)
+            scores = self.average_views(batch, logits, modality, dataset) if averaged else logits.float()
             if gates:
                 means = torch.stack([g.float().mean(dim=1).sum(0) for g in gates]).mean(0)  # [E]
                 gate_sum = means if gate_sum is None else gate_sum + means
                 gate_count += b
-            scores = unfit_logits(scores[:, class_index], plan, probabilities=self.tta)  # [b, C, Y, X]
+            scores = unfit_logits(scores[:, class_index], plan, probabilities=averaged)  # [b, C, Y, X]
             labels[start : start + b] = class_argmax(scores, index_dtype).cpu().numpy()
             if probs_out is not None:
-                p = scores if self.tta else scores.softmax(1)
+                p = scores if averaged else scores.softmax(1)
                 probs_out[:, start : start + b] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
         edges = edge_warnings(labels, plan, request["fov"])  # in the plan's (flipped) orientation
         labels = flip_in_plane(labels, request["flip"])  # back to the file's own orientation
