@@ -59,7 +59,7 @@ def experiment(args: argparse.Namespace):
             if entry["name"] in chosen:
                 entry[option] = chosen[entry["name"]]
     per_epoch = args.slices // args.points
-    values["model"] = {**MODEL, "img_size": args.img_size, **dict(_model_field(item) for item in args.model)}
+    values["model"] = {**MODEL, "img_size": args.img_size, **dict(_field("model", item) for item in args.model)}
     values["train"] = {
         **TRAIN,
         "batch_size": args.batch_size,
@@ -69,6 +69,7 @@ def experiment(args: argparse.Namespace):
         "samples_per_epoch": per_epoch,
         "val_every": 1,
         "pretrain_epochs": max(1, round(args.pretrain_slices / per_epoch)),
+        **dict(_field("train", item, "augment=false") for item in args.train),
     }
     try:
         return parse_experiment(values, base_dir=BASE.parent, source=str(BASE))
@@ -92,10 +93,10 @@ def _per_dataset(option: str, item: str, example: str) -> tuple[str, float]:
         raise SystemExit(f"--{option} {item!r}: give NAME=NUMBER, for example {example}") from None
 
 
-def _model_field(item: str) -> tuple[str, object]:
+def _field(option: str, item: str, example: str = "full_res_convs=1") -> tuple[str, object]:
     field, _, value = item.partition("=")
     if not value:
-        raise SystemExit(f"--model {item!r}: give FIELD=VALUE, for example full_res_convs=1")
+        raise SystemExit(f"--{option} {item!r}: give FIELD=VALUE, for example {example}")
     return field, yaml.safe_load(value)
 
 
@@ -214,6 +215,13 @@ def main() -> None:
         default=[],
         metavar="FIELD=VALUE",
         help="model config fields over the preset's, as YAML values (e.g. full_res_convs=1)",
+    )
+    parser.add_argument(
+        "--train",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="training config fields over the reference recipe's, as YAML values (e.g. augment=false)",
     )
     parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)

@@ -51,7 +51,7 @@ def test_cpu_reference_sets_each_datasets_field_of_view_and_weight(tmp_path):
     module = _cpu_reference()
     args = argparse.Namespace(data=tmp_path, fov=["ACDC=0.8", "BTCV=1"], img_size=128, slices=28000, points=5,
                               pretrain_slices=5600, batch_size=4, lr=3e-3, seed=0, out=tmp_path / "run",
-                              cache=None, model=[], weight=[])  # fmt: skip
+                              cache=None, model=[], weight=[], train=[])  # fmt: skip
     exp = module.experiment(args)
     assert {d.name: d.fov for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 0.8}
     assert {d.name: d.weight for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 1.0}
@@ -75,6 +75,13 @@ def test_cpu_reference_sets_each_datasets_field_of_view_and_weight(tmp_path):
     assert "--model full_res_convs=1 depths=[0,1,2,2,2]" in module.command(wider)
     with pytest.raises(SystemExit, match="--model 'full_res_convs'"):
         module.experiment(argparse.Namespace(**{**vars(args), "model": ["full_res_convs"]}))
+    assert exp.training.augment is True
+    plain = argparse.Namespace(**{**vars(args), "train": ["augment=false", "foreground_fraction=0.5"]})
+    training = module.experiment(plain).training
+    assert training.augment is False and training.foreground_fraction == 0.5 and training.batch_size == 4
+    assert "--train augment=false foreground_fraction=0.5" in module.command(plain)
+    with pytest.raises(SystemExit, match="--train 'augment'"):
+        module.experiment(argparse.Namespace(**{**vars(args), "train": ["augment"]}))
 
 
 def test_cpu_reference_summary_reports_plain_and_postprocessed_dice():
