@@ -41,6 +41,8 @@ FOV = ["ACDC=0.8"]  # the heart fills the middle of ACDC's slices: all 160 share
 # --weight CHAOS=0.7 ACDC=1.3 (30 % of CHAOS's slices to ACDC) was measured and left out of the default:
 # ACDC +0.017 / -0.002, CHAOS +0.006 / +0.024, BTCV's 8 organs +0.011 / -0.015 in seeds 0 / 1; CHAOS=0.5 ACDC=1.5
 # gave ACDC no more (+0.010, seed 0) and BTCV's 8 organs -0.010 (docs/results.md)
+# --train augment=false (session 13, seed 0) learnt faster for half the hour, then ended level on ACDC (+0.002)
+# and lower on BTCV (-0.029) and CHAOS (-0.019, below 0.85): augmentation stays on (docs/results.md)
 TRAIN = {"batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.1, "dice": "batch", "pretrain_lr": 1e-3, "workers": 2}
 
 
