@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import yaml
 
-from m4oe.config import ConfigError, parse_experiment
+from m4oe.config import ConfigError, ModelConfig, TrainConfig, parse_experiment
 from m4oe.files import save_figure, write_json, write_text
 from m4oe.train.finetune import run_train
 from m4oe.train.pretrain import run_pretrain
@@ -61,7 +62,7 @@ def experiment(args: argparse.Namespace):
             if entry["name"] in chosen:
                 entry[option] = chosen[entry["name"]]
     per_epoch = args.slices // args.points
-    values["model"] = {**MODEL, "img_size": args.img_size, **dict(_field("model", item) for item in args.model)}
+    values["model"] = {**MODEL, "img_size": args.img_size, **_fields("model", args.model, ModelConfig)}
     values["train"] = {
         **TRAIN,
         "batch_size": args.batch_size,
@@ -71,7 +72,7 @@ def experiment(args: argparse.Namespace):
         "samples_per_epoch": per_epoch,
         "val_every": 1,
         "pretrain_epochs": max(1, round(args.pretrain_slices / per_epoch)),
-        **dict(_field("train", item, "augment=false") for item in args.train),
+        **_fields("train", args.train, TrainConfig, "augment=false"),
     }
     try:
         return parse_experiment(values, base_dir=BASE.parent, source=str(BASE))
@@ -95,11 +96,19 @@ def _per_dataset(option: str, item: str, example: str) -> tuple[str, float]:
         raise SystemExit(f"--{option} {item!r}: give NAME=NUMBER, for example {example}") from None
 
 
-def _field(option: str, item: str, example: str = "full_res_convs=1") -> tuple[str, object]:
-    field, _, value = item.partition("=")
-    if not value:
-        raise SystemExit(f"--{option} {item!r}: give FIELD=VALUE, for example {example}")
-    return field, yaml.safe_load(value)
+def _fields(option: str, items: list[str], config: type, example: str = "full_res_convs=1") -> dict:
+    """``--model`` / ``--train`` FIELD=VALUE words as a dict of YAML values, each FIELD one of ``config``'s."""
+    known = {f.name for f in dataclasses.fields(config)} | ({"preset"} if config is ModelConfig else set())
+    values = {}
+    for item in items:
+        field, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--{option} {item!r}: give FIELD=VALUE, for example {example}")
+        if field not in known:
+            fields = ", ".join(sorted(known))
+            raise SystemExit(f"--{option} {item!r}: unknown field {field!r}; {config.__name__} has {fields}")
+        values[field] = yaml.safe_load(value)
+    return values
 
 
 def curve(run: Path, slices_per_epoch: int) -> list[dict]:

@@ -82,6 +82,9 @@ def test_cpu_reference_sets_each_datasets_field_of_view_and_weight(tmp_path):
     assert "--train augment=false foreground_fraction=0.5" in module.command(plain)
     with pytest.raises(SystemExit, match="--train 'augment'"):
         module.experiment(argparse.Namespace(**{**vars(args), "train": ["augment"]}))
+    for option, word in (("train", "augmnt=false"), ("model", "full_res_conv=1")):
+        with pytest.raises(SystemExit, match=f"--{option} '{word}': unknown field '{word.split('=')[0]}'"):
+            module.experiment(argparse.Namespace(**{**vars(args), option: [word]}))
 
 
 def test_cpu_reference_summary_reports_plain_and_postprocessed_dice():
