@@ -263,6 +263,7 @@ class Predictor:
         probs_out = np.zeros((len(class_index), *volume.array.shape), np.float16) if probabilities else None
         gate_sum, gate_count = None, 0
         modality = request["modality"]  # one int for the whole batch: fast hard routing
+        averaged = self.tta or bool(self.rotations)  # probabilities averaged over views, not logits
         for start in range(0, Z, self.batch_size):
             batch = self.model_input(slices, start).to(self.device, self.dtype)
             b = batch.shape[0]
@@ -270,7 +271,6 @@ class Predictor:
             if request["dataset"] is not None:
                 dataset = torch.full((b,), request["dataset"], dtype=torch.long, device=self.device)
             logits, gates = self.model(batch, modality, dataset, return_gates=True)
-            averaged = self.tta or bool(self.rotations)
             scores = self.average_views(batch, logits, modality, dataset) if averaged else logits.float()
             if gates:
                 means = torch.stack([g.float().mean(dim=1).sum(0) for g in gates]).mean(0)  # [E]
