@@ -1,7 +1,12 @@
 """Train the CPU reference model: one M4oE model (modality experts + gate) for BTCV CT, CHAOS T2 MRI
 and ACDC cine MRI, in at most an hour on two CPU cores.
 
-    python experiments/cpu_reference.py --out runs/cpu_ref
+    python experiments/cpu_reference.py --out runs/cpu_ref               # 28,000 phase-2 slices
+    python experiments/cpu_reference.py --out runs/cpu_ref --minutes 60  # as many as fit an hour here
+
+Machines of the same size differ by 2.5x in speed (a 2-core AMD EPYC trains this model at 8-9
+slices/s, a 2-core Xeon with AMX at 20-22), so ``--minutes`` first measures this machine with a
+short run of each phase (about a minute, counted in the budget) and sets the phase-2 slices to fit.
 
 Phase 1 (MAE pre-training of each modality's expert) and phase 2 (gated fine-tuning) run on the
 data and validation cases of ``experiments/base.yaml``, with the ``m4oe-convnext-s`` preset plus one
@@ -21,6 +26,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -44,6 +50,8 @@ FOV = ["ACDC=0.8"]  # the heart fills the middle of ACDC's slices: all 160 share
 # gave ACDC no more (+0.010, seed 0) and BTCV's 8 organs -0.010 (docs/results.md)
 # --train augment=false (session 13, seed 0) learnt faster for half the hour, then ended level on ACDC (+0.002)
 # and lower on BTCV (-0.029) and CHAOS (-0.019, below 0.85): augmentation stays on (docs/results.md)
+CALIBRATION_STEPS = 40  # training steps of each phase that measure the machine's speed for --minutes
+MARGIN = 0.05  # of --minutes kept back: the speed of these machines drifts by up to 10 % within a day
 TRAIN = {"batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.1, "dice": "batch", "pretrain_lr": 1e-3, "workers": 2}
 
 
@@ -71,13 +79,60 @@ def experiment(args: argparse.Namespace):
         "epochs": args.points,
         "samples_per_epoch": per_epoch,
         "val_every": 1,
-        "pretrain_epochs": max(1, round(args.pretrain_slices / per_epoch)),
+        "pretrain_epochs": 1,
         **_fields("train", args.train, TrainConfig, "augment=false"),
     }
     try:
         return parse_experiment(values, base_dir=BASE.parent, source=str(BASE))
     except ConfigError as error:  # a value out of range (a weight of 0, a field of view above 1): one line
         raise SystemExit(str(error)) from None
+
+
+def phase1(exp, pretrain_slices: int):
+    """The experiment as phase 1 runs it: one epoch of exactly ``pretrain_slices`` slices."""
+    return dataclasses.replace(exp, train={**exp.train, "samples_per_epoch": pretrain_slices, "pretrain_epochs": 1})
+
+
+def calibrate(args: argparse.Namespace, cache: Path) -> dict:
+    """This machine's speed, from a short run of each phase in OUT/calibration (removed after):
+    slices/s of phase 1 and 2 training steps, and the seconds each phase spends besides its steps
+    (building the model, loading phase 1's weights, one validation, writing bundles)."""
+    slices = args.batch_size * CALIBRATION_STEPS
+    probe = experiment(argparse.Namespace(**{**vars(args), "slices": slices, "points": 1}))
+    folder = args.out / "calibration"
+    shutil.rmtree(folder, ignore_errors=True)
+    started = time.perf_counter()
+    run_pretrain(phase1(probe, slices), folder / "pretrain", cache, progress=False)
+    pretrained = time.perf_counter()
+    run_train(probe, folder / "train", cache, init=folder / "pretrain", progress=False)
+    finished = time.perf_counter()
+    steps1, steps2 = _step_seconds(folder / "pretrain"), _step_seconds(folder / "train")
+    shutil.rmtree(folder)
+    return {
+        "pretrain_slices_per_s": slices / steps1, "pretrain_other_s": pretrained - started - steps1,
+        "slices_per_s": slices / steps2, "validation_s": finished - pretrained - steps2,
+        "seconds": finished - started,
+    }  # fmt: skip
+
+
+def _step_seconds(run: Path) -> float:
+    with open(run / "metrics.csv") as f:
+        return sum(float(row["epoch_seconds"]) for row in csv.DictReader(f))
+
+
+def fit_slices(minutes: float, spent_s: float, speed: dict, pretrain_slices: int, points: int, batch: int) -> int:
+    """Phase-2 slices that fit what is left of ``minutes`` after ``spent_s``, phase 1 and the validations,
+    keeping a margin for the machine's drift; a whole number of batches per validation point."""
+    left = minutes * 60 * (1 - MARGIN) - spent_s
+    left -= speed["pretrain_other_s"] + pretrain_slices / speed["pretrain_slices_per_s"]
+    left -= points * speed["validation_s"]
+    unit = points * batch
+    slices = int(left * speed["slices_per_s"]) // unit * unit
+    if slices < unit:
+        need = (minutes * 60 - left + unit / speed["slices_per_s"]) / 60
+        raise SystemExit(f"--minutes {minutes:g}: too short on this machine; phase 1, {points} validations and "
+                         f"one batch per point need about {need:.1f} minutes")  # fmt: skip
+    return slices
 
 
 def command(args: argparse.Namespace) -> str:
@@ -146,7 +201,8 @@ def _mean(values) -> float:
 
 def markdown(result: dict) -> str:
     lines = [f"CPU reference model: `{result['command']}`", "",
-             f"Wall time {result['minutes']:.1f} min (phase 1 {result['pretrain_minutes']:.1f}, phase 2 "
+             f"Wall time {result['minutes']:.1f} min ({_calibration(result)}"
+             f"phase 1 {result['pretrain_minutes']:.1f}, phase 2 "
              f"{result['train_minutes']:.1f}), {result['slices']} training slices at {result['img_size']} px, "
              f"{result['slices_per_s']:.1f} slices/s in phase 2.", "",
              "| dataset | mean Dice | per organ |", "|---|---:|---|"]  # fmt: skip
@@ -172,6 +228,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {point['slices']} | " + " | ".join(f"{point.get(n, float('nan')):.3f}"
                                                             for n in result["validation"]) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _calibration(result: dict) -> str:
+    minutes = result.get("calibration_minutes") or 0.0
+    return f"speed measurement {minutes:.1f}, " if minutes else ""
 
 
 def plot(points: list[dict], names: list[str], path: Path) -> None:
@@ -200,10 +261,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="folder holding the Dataset00X folders (default: base.yaml's)")
     parser.add_argument("--slices", type=int, default=28000, help="phase-2 training slices")
     parser.add_argument(
+        "--minutes",
+        type=float,
+        help="fit phase 2's slices to this wall-clock budget on this machine instead of --slices "
+        "(measured first by a short run of each phase, counted in the budget)",
+    )
+    parser.add_argument(
         "--pretrain-slices",
         type=int,
         default=5600,
-        help="phase-1 (MAE) slices, in whole epochs of the phase-2 epoch size (at least one)",
+        help="phase-1 (MAE) slices, in one epoch",
     )
     parser.add_argument("--points", type=int, default=5, help="validations along phase 2")
     parser.add_argument(
@@ -240,10 +307,19 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=TRAIN["lr"], help="phase-2 peak learning rate (AdamW)")
     args = parser.parse_args()
 
-    exp = experiment(args)
+    invocation = command(args)
     cache = args.cache or args.out / "cache"
     started = time.perf_counter()
-    run_pretrain(exp, args.out / "pretrain", cache, progress=False)
+    speed = None
+    if args.minutes:
+        speed = calibrate(args, cache)
+        spent = time.perf_counter() - started
+        args.slices = fit_slices(args.minutes, spent, speed, args.pretrain_slices, args.points, args.batch_size)
+        print(f"--minutes {args.minutes:g}: {args.slices} phase-2 slices fit on this machine "
+              f"({speed['slices_per_s']:.1f} slices/s measured)", flush=True)  # fmt: skip
+    exp = experiment(args)
+    calibrated = time.perf_counter()
+    run_pretrain(phase1(exp, args.pretrain_slices), args.out / "pretrain", cache, progress=False)
     pretrained = time.perf_counter()
     run_train(exp, args.out / "train", cache, init=args.out / "pretrain", progress=False)
     finished = time.perf_counter()
@@ -251,9 +327,10 @@ def main() -> None:
     validation = json.loads((args.out / "train" / "validation.json").read_text())
     per_epoch = exp.training.samples_per_epoch
     result = {
-        "command": command(args),
-        "img_size": args.img_size, "slices": args.slices, "pretrain_slices": exp.training.pretrain_epochs * per_epoch,
-        "minutes": (finished - started) / 60, "pretrain_minutes": (pretrained - started) / 60,
+        "command": invocation,
+        "img_size": args.img_size, "slices": args.slices, "pretrain_slices": args.pretrain_slices, "calibration": speed,
+        "minutes": (finished - started) / 60, "calibration_minutes": (calibrated - started) / 60,
+        "pretrain_minutes": (pretrained - calibrated) / 60,
         "train_minutes": (finished - pretrained) / 60, "slices_per_s": args.slices / (finished - pretrained),
         "validation": summary(validation), "curve": curve(args.out / "train", per_epoch),
     }  # fmt: skip

@@ -159,6 +159,7 @@ def test_label_map_must_name_known_labels(tmp_path):
         ("datasets: {path: x}", "datasets must be list"),
         ("datasets: [{path: x}]\ntrain: {epoch: 3}", "train: unknown keys ['epoch']"),
         ("datasets: [{path: x}]\ntrain: {amp: fp16}", "train.amp must be auto, bf16 or off"),
+        ("datasets: [{path: x}]\ntrain: {amp: on}", "train.amp must be auto, bf16 or off, got 'on'"),
         ("datasets: [{path: x}]\n  bad: [", "not valid YAML"),
     ],
 )
@@ -169,3 +170,13 @@ def test_config_errors_name_the_file_and_key(tmp_path, text, expected):
         load_experiment(path)
     assert str(path) in str(info.value)
     assert expected in str(info.value)
+
+
+def test_bare_yaml_off_is_the_word_off(tmp_path):
+    # YAML 1.1 reads `amp: off` as false; the user wrote the word the docs give
+    path = tmp_path / "exp.yaml"
+    path.write_text("datasets: [{path: x}]\ntrain: {amp: off, compile: off}\n")
+    training = load_experiment(path).training
+    assert (training.amp, training.compile) == ("off", "off")
+    path.write_text("datasets: [{path: x}]\ntrain: {compile: on}\n")
+    assert load_experiment(path).training.compile == "on"

@@ -87,6 +87,54 @@ def test_cpu_reference_sets_each_datasets_field_of_view_and_weight(tmp_path):
             module.experiment(argparse.Namespace(**{**vars(args), option: [word]}))
 
 
+def test_cpu_reference_phase1_runs_exactly_its_slices_in_one_epoch(tmp_path):
+    module = _cpu_reference()
+    args = argparse.Namespace(data=tmp_path, fov=[], img_size=128, slices=56000, points=7, pretrain_slices=5600,
+                              batch_size=4, lr=3e-3, seed=0, model=[], weight=[], train=[])  # fmt: skip
+    exp = module.experiment(args)
+    assert exp.training.samples_per_epoch == 8000 and exp.training.epochs == 7
+    first = module.phase1(exp, 5600).training
+    assert (first.samples_per_epoch, first.pretrain_epochs, first.epochs) == (5600, 1, 7)
+
+
+def test_cpu_reference_fits_phase2_slices_to_the_minutes_left():
+    module = _cpu_reference()
+    speed = {"pretrain_slices_per_s": 50.0, "pretrain_other_s": 12.0, "slices_per_s": 20.0, "validation_s": 30.0}
+    # 60 min less 5 %: 3420 s; less 60 s spent, 12 + 5600 / 50 = 124 s of phase 1, 5 x 30 s of validation
+    # leaves 3086 s, 61,720 slices at 20/s; whole batches of 4 at each of 5 points: 61,720 // 20 * 20
+    assert module.MARGIN == 0.05
+    assert module.fit_slices(60, 60.0, speed, 5600, 5, 4) == 61720
+    assert module.fit_slices(30, 60.0, speed, 5600, 5, 4) == (1710 - 60 - 124 - 150) * 20
+    with pytest.raises(SystemExit, match="--minutes 3: too short on this machine"):
+        module.fit_slices(3, 60.0, speed, 5600, 5, 4)
+
+
+def test_cpu_reference_calibration_separates_steps_from_the_rest(tmp_path, monkeypatch):
+    module = _cpu_reference()
+    clock = iter([100.0, 110.0, 145.0])  # phase 1 takes 10 s in all, phase 2 35 s
+    monkeypatch.setattr(module.time, "perf_counter", lambda: next(clock))
+
+    def fake_run(seconds):
+        def run(exp, out, cache, init=None, progress=True):
+            out.mkdir(parents=True)
+            (out / "metrics.csv").write_text(f"epoch,epoch_seconds\n1,{seconds}\n")
+
+        return run
+
+    monkeypatch.setattr(module, "run_pretrain", fake_run(4.0))
+    monkeypatch.setattr(module, "run_train", fake_run(16.0))
+    args = argparse.Namespace(data=tmp_path, fov=[], img_size=128, slices=28000, points=5, pretrain_slices=5600,
+                              batch_size=4, lr=3e-3, seed=0, model=[], weight=[], train=[],
+                              out=tmp_path / "run")  # fmt: skip
+    speed = module.calibrate(args, tmp_path / "cache")
+    slices = 4 * module.CALIBRATION_STEPS
+    assert speed["pretrain_slices_per_s"] == pytest.approx(slices / 4.0)
+    assert speed["pretrain_other_s"] == pytest.approx(6.0)
+    assert speed["slices_per_s"] == pytest.approx(slices / 16.0)
+    assert speed["validation_s"] == pytest.approx(19.0)
+    assert not (tmp_path / "run" / "calibration").exists()
+
+
 def test_cpu_reference_summary_reports_plain_and_postprocessed_dice():
     module = _cpu_reference()
     organs = {o: 0.5 for o in module.SYNAPSE} | {"esophagus": 0.2}

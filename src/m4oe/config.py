@@ -381,6 +381,10 @@ class TrainConfig:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"train.{name} must be a positive number, got {value!r}")
+        # YAML 1.1 reads a bare `off` / `on` as false / true: take them as the words the user wrote
+        for name in ("amp", "compile"):
+            if isinstance(getattr(self, name), bool):
+                object.__setattr__(self, name, "on" if getattr(self, name) else "off")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"train.amp must be auto, bf16 or off, got {self.amp!r}")
         for name, allowed in (("dice", ("sample", "batch")), ("optimizer", ("adamw", "sgd")),
