@@ -50,7 +50,7 @@ FOV = ["ACDC=0.8"]  # the heart fills the middle of ACDC's slices: all 160 share
 # gave ACDC no more (+0.010, seed 0) and BTCV's 8 organs -0.010 (docs/results.md)
 # --train augment=false (session 13, seed 0) learnt faster for half the hour, then ended level on ACDC (+0.002)
 # and lower on BTCV (-0.029) and CHAOS (-0.019, below 0.85): augmentation stays on (docs/results.md)
-CALIBRATION_STEPS = 40  # training steps of each phase that measure the machine's speed for --minutes
+CALIBRATION_STEPS = 60  # training steps of each phase that measure the machine's speed for --minutes
 MARGIN = 0.05  # of --minutes kept back: the speed of these machines drifts by up to 10 % within a day
 TRAIN = {"batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.1, "dice": "batch", "pretrain_lr": 1e-3, "workers": 2}
 
@@ -96,9 +96,11 @@ def phase1(exp, pretrain_slices: int):
 def calibrate(args: argparse.Namespace, cache: Path) -> dict:
     """This machine's speed, from a short run of each phase in OUT/calibration (removed after):
     slices/s of phase 1 and 2 training steps, and the seconds each phase spends besides its steps
-    (building the model, loading phase 1's weights, one validation, writing bundles)."""
+    (building the model, loading phase 1's weights, one validation, writing bundles). Phase 2 runs
+    two epochs and is timed on the second: its first steps (memory, kernel set-up) are slower."""
     slices = args.batch_size * CALIBRATION_STEPS
-    probe = experiment(argparse.Namespace(**{**vars(args), "slices": slices, "points": 1}))
+    probe = experiment(argparse.Namespace(**{**vars(args), "slices": 2 * slices, "points": 2}))
+    probe = dataclasses.replace(probe, train={**probe.train, "val_every": 2})
     folder = args.out / "calibration"
     shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
@@ -106,18 +108,18 @@ def calibrate(args: argparse.Namespace, cache: Path) -> dict:
     pretrained = time.perf_counter()
     run_train(probe, folder / "train", cache, init=folder / "pretrain", progress=False)
     finished = time.perf_counter()
-    steps1, steps2 = _step_seconds(folder / "pretrain"), _step_seconds(folder / "train")
+    steps1, steps2 = _epoch_seconds(folder / "pretrain"), _epoch_seconds(folder / "train")
     shutil.rmtree(folder)
     return {
-        "pretrain_slices_per_s": slices / steps1, "pretrain_other_s": pretrained - started - steps1,
-        "slices_per_s": slices / steps2, "validation_s": finished - pretrained - steps2,
+        "pretrain_slices_per_s": slices / sum(steps1), "pretrain_other_s": pretrained - started - sum(steps1),
+        "slices_per_s": slices / steps2[-1], "validation_s": finished - pretrained - sum(steps2),
         "seconds": finished - started,
     }  # fmt: skip
 
 
-def _step_seconds(run: Path) -> float:
+def _epoch_seconds(run: Path) -> list[float]:
     with open(run / "metrics.csv") as f:
-        return sum(float(row["epoch_seconds"]) for row in csv.DictReader(f))
+        return [float(row["epoch_seconds"]) for row in csv.DictReader(f)]
 
 
 def fit_slices(minutes: float, spent_s: float, speed: dict, pretrain_slices: int, points: int, batch: int) -> int:

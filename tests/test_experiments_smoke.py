@@ -113,16 +113,19 @@ def test_cpu_reference_calibration_separates_steps_from_the_rest(tmp_path, monke
     module = _cpu_reference()
     clock = iter([100.0, 110.0, 145.0])  # phase 1 takes 10 s in all, phase 2 35 s
     monkeypatch.setattr(module.time, "perf_counter", lambda: next(clock))
+    runs = {}
 
-    def fake_run(seconds):
+    def fake_run(*seconds):
         def run(exp, out, cache, init=None, progress=True):
+            runs[out.name] = exp.training
             out.mkdir(parents=True)
-            (out / "metrics.csv").write_text(f"epoch,epoch_seconds\n1,{seconds}\n")
+            rows = "".join(f"{epoch},{s}\n" for epoch, s in enumerate(seconds, 1))
+            (out / "metrics.csv").write_text("epoch,epoch_seconds\n" + rows)
 
         return run
 
     monkeypatch.setattr(module, "run_pretrain", fake_run(4.0))
-    monkeypatch.setattr(module, "run_train", fake_run(16.0))
+    monkeypatch.setattr(module, "run_train", fake_run(9.0, 7.0))  # phase 2 is timed on its second epoch
     args = argparse.Namespace(data=tmp_path, fov=[], img_size=128, slices=28000, points=5, pretrain_slices=5600,
                               batch_size=4, lr=3e-3, seed=0, model=[], weight=[], train=[],
                               out=tmp_path / "run")  # fmt: skip
@@ -130,8 +133,10 @@ def test_cpu_reference_calibration_separates_steps_from_the_rest(tmp_path, monke
     slices = 4 * module.CALIBRATION_STEPS
     assert speed["pretrain_slices_per_s"] == pytest.approx(slices / 4.0)
     assert speed["pretrain_other_s"] == pytest.approx(6.0)
-    assert speed["slices_per_s"] == pytest.approx(slices / 16.0)
+    assert speed["slices_per_s"] == pytest.approx(slices / 7.0)
     assert speed["validation_s"] == pytest.approx(19.0)
+    assert (runs["pretrain"].samples_per_epoch, runs["pretrain"].pretrain_epochs) == (slices, 1)
+    assert (runs["train"].samples_per_epoch, runs["train"].epochs, runs["train"].val_every) == (slices, 2, 2)
     assert not (tmp_path / "run" / "calibration").exists()
 
 
