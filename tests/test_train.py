@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from m4oe import create_model, load_bundle
 from m4oe.config import load_experiment
 from m4oe.model.mae import load_pretrained
 from m4oe.train.finetune import run_train
-from m4oe.train.loop import TrainingDiverged
+from m4oe.train.loop import TrainingDiverged, record_organ_dice
 from m4oe.train.pretrain import run_pretrain
 
 from .conftest import MICRO, SHARED_DATA
@@ -102,6 +103,14 @@ def test_train_loss_falls_and_validation_dice_rises(workdir, cache_dir):
             post, plain = validation["dice_postprocessed"][name][label], validation["dice"][name][label]
             assert post > plain if label in labels else post == plain or (math.isnan(post) and math.isnan(plain))
     assert rows[-1]["val_post_CHAOS"] >= rows[-1]["val_dice_CHAOS"]
+    with open(out / "organ_dice.csv", newline="") as f:
+        organ_rows = list(csv.DictReader(f))  # every validation's Dice per organ, not only the last
+    assert sorted({int(r["epoch"]) for r in organ_rows}) == [r["epoch"] for r in rows if "val_dice" in r]
+    last = {(r["dataset"], r["organ"]): float(r["dice"]) for r in organ_rows if int(r["epoch"]) == rows[-1]["epoch"]}
+    expected = {(name, organ): dice for name, organs in validation["dice"].items() for organ, dice in organs.items()}
+    assert last.keys() == expected.keys()
+    for key, dice in expected.items():
+        assert last[key] == pytest.approx(dice, abs=1e-5) or (math.isnan(last[key]) and math.isnan(dice))
     rerun = load_experiment(out / "config.yaml")  # the run's own config reruns it
     original = experiment(workdir, epochs=15)
     assert (rerun.datasets, rerun.split, rerun.training) == (original.datasets, original.split, original.training)
@@ -333,3 +342,15 @@ def test_ddp_two_cpu_processes_match_one(workdir, cache_dir):
     fresh = create_model("tiny", modalities=["CT", "MRI"], label_sets=load_bundle(workdir / "ddp1" / "last").label_sets,
                          **MICRO)  # fmt: skip
     assert not torch.equal(fresh.state_dict()["head.proj.weight"], a["head.proj.weight"])  # it did train
+
+
+def test_organ_dice_keeps_each_validation_and_replaces_what_a_resume_redoes(tmp_path):
+    path = tmp_path / "organ_dice.csv"
+    for epoch, liver in ((1, 0.5), (2, 0.6), (3, 0.7), (2, 0.65)):  # the last: resumed from epoch 1's end
+        result = {"dice": {"CHAOS": {"liver": liver, "spleen": 0.1}}, "dice_postprocessed": {"CHAOS": {"liver": 0.9}}}
+        record_organ_dice(path, epoch, result)
+    with open(path, newline="") as f:
+        rows = [(int(r["epoch"]), r["organ"], float(r["dice"]), float(r["dice_postprocessed"]))
+                for r in csv.DictReader(f)]  # fmt: skip
+    assert [r[:3] for r in rows] == [(1, "liver", 0.5), (1, "spleen", 0.1), (2, "liver", 0.65), (2, "spleen", 0.1)]
+    assert rows[0][3] == 0.9 and math.isnan(rows[1][3])  # spleen has no post-processed figure

@@ -18,6 +18,7 @@ and, optionally, a validation. The loop does the rest:
 from __future__ import annotations
 
 import contextlib
+import csv
 import math
 import os
 import shutil
@@ -401,6 +402,7 @@ def fit(
                 post = result.get("dataset_mean_dice_postprocessed", {})
                 row.update({f"val_post_{k}": round(v, 5) for k, v in post.items()})
                 write_json(out / "validation.json", {"epoch": epoch + 1, **result})
+                record_organ_dice(out / "organ_dice.csv", epoch + 1, result)
                 if not math.isnan(result["mean_dice"]) and result["mean_dice"] > history.best:
                     history.best = result["mean_dice"]
                     _save_checkpoint(out, "best", task, None)
@@ -410,6 +412,25 @@ def fit(
             history.write(out)
         checkpoint(epoch + 1, 0)
     return history
+
+
+ORGAN_DICE_COLUMNS = ("epoch", "dataset", "organ", "dice", "dice_postprocessed")
+
+
+def record_organ_dice(path: Path, epoch: int, result: dict) -> None:
+    """Add one validation's Dice per dataset and organ to ``path`` (one row each), so that an organ
+    lost along the way shows when it went; rows of this or later epochs (left by a run that was
+    resumed from an earlier checkpoint) are replaced."""
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
+    post = result.get("dice_postprocessed", {})
+    for name, organs in result["dice"].items():
+        for organ, dice in organs.items():
+            rows.append({"epoch": epoch, "dataset": name, "organ": organ, "dice": round(dice, 5),
+                         "dice_postprocessed": round(post.get(name, {}).get(organ, float("nan")), 5)})  # fmt: skip
+    write_csv(path, rows, ORGAN_DICE_COLUMNS)
 
 
 def _gather_state(state: Tensor, runtime: Runtime) -> list[Tensor]:
