@@ -4,9 +4,9 @@ and ACDC cine MRI, in at most an hour on two CPU cores.
     python experiments/cpu_reference.py --out runs/cpu_ref               # 28,000 phase-2 slices
     python experiments/cpu_reference.py --out runs/cpu_ref --minutes 60  # as many as fit an hour here
 
-Machines of the same size differ by 2.5x in speed (a 2-core AMD EPYC trains this model at 8-9
-slices/s, a 2-core Xeon with AMX at 20-22), so ``--minutes`` first measures this machine with a
-short run of each phase (about a minute, counted in the budget) and sets the phase-2 slices to fit.
+Machines of the same size differ by 2.2x in speed (a 2-core AMD EPYC trains this model at 8-9
+slices/s, a 2-core Xeon with AMX at 18-24), so ``--minutes`` first measures this machine with a
+short run of each phase (under a minute, counted in the budget) and sets the phase-2 slices to fit.
 
 Phase 1 (MAE pre-training of each modality's expert) and phase 2 (gated fine-tuning) run on the
 data and validation cases of ``experiments/base.yaml``, with the ``m4oe-convnext-s`` preset plus one
@@ -309,6 +309,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=TRAIN["lr"], help="phase-2 peak learning rate (AdamW)")
     args = parser.parse_args()
 
+    if args.minutes is not None and args.minutes <= 0:
+        raise SystemExit(f"--minutes {args.minutes:g}: give a positive number of minutes, for example 60")
     invocation = command(args)
     cache = args.cache or args.out / "cache"
     started = time.perf_counter()

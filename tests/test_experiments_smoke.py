@@ -156,3 +156,11 @@ def test_cpu_reference_summary_reports_plain_and_postprocessed_dice():
     run = {"command": "c", "minutes": 1.0, "pretrain_minutes": 0.1, "train_minutes": 0.9, "slices": 10}
     text = module.markdown({**run, "img_size": 128, "slices_per_s": 1.0, "validation": result, "curve": []})
     assert "| CHAOS | 0.750 | spleen |" in text and "(8 Synapse organs 0.550) | liver |" in text
+
+
+def test_cpu_reference_refuses_minutes_that_are_not_positive(tmp_path):
+    script = ROOT / "experiments" / "cpu_reference.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "run"), "--minutes", "0"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "--minutes 0: give a positive number" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
