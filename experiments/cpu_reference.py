@@ -104,11 +104,11 @@ def calibrate(args: argparse.Namespace, cache: Path) -> dict:
     folder = args.out / "calibration"
     shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
-    run_pretrain(phase1(probe, slices), folder / "pretrain", cache, progress=False)
+    first = run_pretrain(phase1(probe, slices), folder / "pretrain", cache, progress=False)
     pretrained = time.perf_counter()
-    run_train(probe, folder / "train", cache, init=folder / "pretrain", progress=False)
+    second = run_train(probe, folder / "train", cache, init=folder / "pretrain", progress=False)["all"]
     finished = time.perf_counter()
-    steps1, steps2 = _epoch_seconds(folder / "pretrain"), _epoch_seconds(folder / "train")
+    steps1, steps2 = _epoch_seconds(first), _epoch_seconds(second)
     shutil.rmtree(folder)
     return {
         "pretrain_slices_per_s": slices / sum(steps1), "pretrain_other_s": pretrained - started - sum(steps1),
@@ -117,9 +117,8 @@ def calibrate(args: argparse.Namespace, cache: Path) -> dict:
     }  # fmt: skip
 
 
-def _epoch_seconds(run: Path) -> list[float]:
-    with open(run / "metrics.csv") as f:
-        return [float(row["epoch_seconds"]) for row in csv.DictReader(f)]
+def _epoch_seconds(history) -> list[float]:
+    return [row["epoch_seconds"] for row in history.rows]
 
 
 def fit_slices(minutes: float, spent_s: float, speed: dict, pretrain_slices: int, points: int, batch: int) -> int:

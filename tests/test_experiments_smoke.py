@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from m4oe.train.loop import History
+
 from .conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,17 +117,18 @@ def test_cpu_reference_calibration_separates_steps_from_the_rest(tmp_path, monke
     monkeypatch.setattr(module.time, "perf_counter", lambda: next(clock))
     runs = {}
 
-    def fake_run(*seconds):
+    def fake_run(*seconds, returns=lambda history: history):
         def run(exp, out, cache, init=None, progress=True):
             runs[out.name] = exp.training
             out.mkdir(parents=True)
-            rows = "".join(f"{epoch},{s}\n" for epoch, s in enumerate(seconds, 1))
-            (out / "metrics.csv").write_text("epoch,epoch_seconds\n" + rows)
+            rows = [{"epoch": epoch, "epoch_seconds": s} for epoch, s in enumerate(seconds, 1)]
+            return returns(History(rows))
 
         return run
 
     monkeypatch.setattr(module, "run_pretrain", fake_run(4.0))
-    monkeypatch.setattr(module, "run_train", fake_run(9.0, 7.0))  # phase 2 is timed on its second epoch
+    # run_train returns a history per model ("all": the one M4oE model); phase 2 is timed on its second epoch
+    monkeypatch.setattr(module, "run_train", fake_run(9.0, 7.0, returns=lambda history: {"all": history}))
     args = argparse.Namespace(data=tmp_path, fov=[], img_size=128, slices=28000, points=5, pretrain_slices=5600,
                               batch_size=4, lr=3e-3, seed=0, model=[], weight=[], train=[],
                               out=tmp_path / "run")  # fmt: skip
