@@ -240,14 +240,18 @@ def test_deep_supervision_loss_weights_and_subsampled_targets():
     assert loss.item() == pytest.approx((full.item() + 0.5 * half.item()) / 1.5, rel=1e-6)
 
 
-def _batch_dice_loop(probs, target, classes, dataset):
-    """Reference: for each dataset in the batch and each of its foreground classes, the Dice of
-    the class summed over that dataset's samples; the mean over those pairs."""
+def _batch_dice_loop(probs, target, classes, dataset, present_only=False):
+    """Reference: for each dataset in the batch and each of its foreground classes (with
+    ``present_only``, those in the dataset's reference or argmax prediction), the Dice of the class
+    summed over that dataset's samples; the mean over those pairs."""
     scores = []
     for d in sorted(set(dataset.tolist())):
         rows = [i for i in range(len(dataset)) if dataset[i] == d]
         for k in range(1, probs.shape[1]):
             if not classes[rows[0], k]:
+                continue
+            seen = any(bool((target[i] == k).any() or (probs[i].argmax(0) == k).any()) for i in rows)
+            if present_only and not seen:
                 continue
             inter = sum(float((probs[i, k] * (target[i] == k)).sum()) for i in rows)
             size = sum(float(probs[i, k].sum() + (target[i] == k).sum()) for i in rows)
@@ -267,6 +271,46 @@ def test_batch_dice_is_taken_within_each_dataset():
     assert soft_dice_batch(probs, target, classes, dataset).item() == pytest.approx(expected, rel=1e-5)
     # pooling class 2 over the datasets (the old behaviour) gives another value
     assert soft_dice_batch(probs, target, classes).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_batch_present_dice_counts_only_present_or_predicted_classes():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 6, 8, 8)
+    logits[:, 4] -= 20  # class 4: never the argmax, absent from every reference
+    probs = logits.softmax(1)
+    target = torch.randint(0, 4, (6, 8, 8))
+    target[3:][target[3:] == 3] = 0  # class 3 absent from dataset 1's reference ...
+    probs = probs.clone()
+    probs[3:, 3] = 0.0  # ... and never its argmax there
+    dataset = torch.tensor([0, 0, 0, 1, 1, 1])
+    classes = torch.ones(6, 6, dtype=torch.bool)
+    expected = _batch_dice_loop(probs, target, classes, dataset, present_only=True)
+    got = soft_dice_batch(probs, target, classes, dataset, present_only=True)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert got.item() != pytest.approx(soft_dice_batch(probs, target, classes, dataset).item(), rel=1e-3)
+    loss, _ = segmentation_loss(logits, target, classes, dice="batch_present", dataset=dataset)
+    assert torch.isfinite(loss)
+
+
+def test_batch_present_dice_does_not_reward_crushing_an_absent_class():
+    # one sample, class 2 absent: nnU-Net's batch Dice scores it smooth / (sum p + smooth), so
+    # lowering its probability from 1e-4 to 1e-7 per pixel raises the score; batch_present ignores it
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, :2] = 1
+    classes = torch.ones(1, 3, dtype=torch.bool)
+
+    def probs(p_absent: float) -> torch.Tensor:
+        out = torch.zeros(1, 3, 4, 4)
+        out[0, 0], out[0, 1], out[0, 2] = 0.2, 0.8 - p_absent, p_absent
+        out[0, 0, :2], out[0, 1, :2] = 0.2 - p_absent, 0.8
+        out[0, 0, 2:], out[0, 1, 2:] = 0.8 - p_absent, 0.2
+        return out
+
+    high, low = probs(1e-4), probs(1e-7)
+    assert soft_dice_batch(low, target, classes).item() > soft_dice_batch(high, target, classes).item() + 0.4
+    # class 1 alone counts: I = 8 x 0.8 = 6.4, P = 8 x 0.8 + 8 x 0.2 = 8, T = 8 -> 12.8 / 16
+    for p in (high, low):
+        assert soft_dice_batch(p, target, classes, present_only=True).item() == pytest.approx(0.8, abs=1e-4)
 
 
 def test_batch_dice_of_a_poorly_segmented_dataset_is_not_hidden_by_another():

@@ -160,6 +160,8 @@ def test_label_map_must_name_known_labels(tmp_path):
         ("datasets: [{path: x}]\ntrain: {epoch: 3}", "train: unknown keys ['epoch']"),
         ("datasets: [{path: x}]\ntrain: {amp: fp16}", "train.amp must be auto, bf16 or off"),
         ("datasets: [{path: x}]\ntrain: {amp: on}", "train.amp must be auto, bf16 or off, got 'on'"),
+        ("datasets: [{path: x}]\ntrain: {dice: present}", "train.dice must be one of ('sample', 'batch', 'batch_pres"),
+        ("datasets: [{path: x}]\ntrain: {foreground_sampling: organ}", "sampling must be one of ('any', 'class')"),
         ("datasets: [{path: x}]\n  bad: [", "not valid YAML"),
     ],
 )

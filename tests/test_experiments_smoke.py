@@ -167,3 +167,22 @@ def test_cpu_reference_refuses_minutes_that_are_not_positive(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and "--minutes 0: give a positive number" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_cpu_reference_budget_is_an_hour_unless_slices_are_given():
+    module = _cpu_reference()
+
+    def resolved(**given):
+        args = argparse.Namespace(**{"slices": None, "minutes": None, "points": 5, "batch_size": 4, **given})
+        module.resolve_budget(args)
+        return args.slices, args.minutes
+
+    assert resolved() == (None, 60.0)
+    assert resolved(minutes=30.0) == (None, 30.0)
+    assert resolved(slices=28000) == (28000, None)
+    with pytest.raises(SystemExit, match="--slices and --minutes: give one of them"):
+        resolved(slices=28000, minutes=60.0)
+    with pytest.raises(SystemExit, match=r"--slices 19: give at least one batch per validation point \(5 x 4\)"):
+        resolved(slices=19)
+    with pytest.raises(SystemExit, match="--minutes -1: give a positive number"):
+        resolved(minutes=-1.0)

@@ -57,6 +57,42 @@ def test_sampler_weights_and_reproducibility(cache):
     assert np.array_equal(np.stack(list(sampler)), picks[7:])
 
 
+def test_slice_classes_against_a_loop(cache):
+    picks = np.array([5, 0, len(cache) - 1, 17, 5])
+    _, labels = cache.read(picks)
+    expected = np.zeros((picks.size, len(cache.class_names)), dtype=bool)
+    for i, label in enumerate(labels):
+        expected[i, np.unique(label)] = True
+    assert np.array_equal(cache.slice_classes(picks, chunk=2), expected)
+
+
+def test_class_sampling_draws_each_foreground_class_equally(cache):
+    mask = cache.slice_mask("train")
+    kwargs = {"batch_size": 16, "mask": mask, "samples_per_epoch": 16000, "foreground_fraction": 1.0, "seed": 2}
+    picks = {mode: BalancedBatchSampler(cache, foreground_sampling=mode, **kwargs).epoch_batches(0).ravel()
+             for mode in ("any", "class")}  # fmt: skip
+    for d in range(2):
+        pool = np.flatnonzero(mask & (cache.index["dataset"] == d) & (cache.index["foreground"] > 0))
+        present = cache.slice_classes(pool)[:, 1:]
+        present = present[:, present.any(0)]
+        row = {int(s): i for i, s in enumerate(pool)}
+        share = {}
+        for mode, drawn in picks.items():
+            drawn = drawn[cache.index["dataset"][drawn] == d]
+            assert np.isin(drawn, pool).all(), "forced samples come from foreground slices"
+            share[mode] = present[[row[int(s)] for s in drawn]].mean(0)  # share of draws holding each class
+        # P(a draw holds class k) = sum over classes j of 1/K x (share of j's slices that hold k)
+        K = present.shape[1]
+        expected = sum(present[present[:, j]].mean(0) for j in range(K)) / K
+        assert np.abs(share["class"] - expected).max() < 0.03
+        assert np.abs(share["any"] - present.mean(0)).max() < 0.03
+        rare = np.argmin(present.mean(0))
+        assert present[:, rare].mean() < 0.9, "the phantom has a class missing from some foreground slices"
+        assert share["class"][rare] > share["any"][rare] + 0.03
+    with pytest.raises(ValueError, match="foreground_sampling must be one of"):
+        BalancedBatchSampler(cache, 4, foreground_sampling="organ")
+
+
 def test_val_split_from_explicit_list_and_folds(cache):
     val_cases = {c["case_id"] for c in cache.cases("val") if c["dataset"] == "small"}
     assert val_cases == {"case_001"}

@@ -351,9 +351,14 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for CUDA) | on | off
     grad_clip: float = 12.0
     foreground_fraction: float = 0.33
+    # any: a forced foreground slice is any slice with foreground | class: a foreground class drawn
+    # uniformly, then a slice holding it (nnU-Net's oversampling, so small organs are drawn as often)
+    foreground_sampling: str = "any"
     ce_weight: float = 1.0
     dice_weight: float = 1.0
-    dice: str = "sample"  # sample: soft Dice per sample, averaged | batch: nnU-Net's batch Dice within each dataset
+    # sample: soft Dice per sample, averaged | batch: nnU-Net's batch Dice within each dataset |
+    # batch_present: the same over the classes present in or predicted for each dataset's share
+    dice: str = "sample"
     optimizer: str = "adamw"  # adamw | sgd (Nesterov, momentum 0.99, as nnU-Net)
     schedule: str = "cosine"  # cosine | poly (nnU-Net's (1 - step/steps)^0.9), after the warm-up
     augment: bool = True
@@ -387,8 +392,8 @@ class TrainConfig:
                 object.__setattr__(self, name, "on" if getattr(self, name) else "off")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"train.amp must be auto, bf16 or off, got {self.amp!r}")
-        for name, allowed in (("dice", ("sample", "batch")), ("optimizer", ("adamw", "sgd")),
-                              ("schedule", ("cosine", "poly"))):  # fmt: skip
+        for name, allowed in (("dice", ("sample", "batch", "batch_present")), ("optimizer", ("adamw", "sgd")),
+                              ("schedule", ("cosine", "poly")), ("foreground_sampling", ("any", "class"))):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.compile not in ("auto", "on", "off"):

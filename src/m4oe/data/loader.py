@@ -113,6 +113,18 @@ class SliceCache:
         inverse[order] = np.arange(order.size)
         return np.asarray(array[indices[order]][inverse])
 
+    def slice_classes(self, indices: np.ndarray, chunk: int = 512) -> np.ndarray:
+        """``[n, K]`` bool: which classes of the vocabulary appear in each of some slices."""
+        indices = np.asarray(indices, dtype=np.int64)
+        K = len(self.class_names)
+        present = np.zeros((indices.size, K), dtype=bool)
+        for start in range(0, indices.size, chunk):
+            labels = self._read(self._open()[1], indices[start : start + chunk]).reshape(-1, self.img_size**2)
+            rows = np.arange(labels.shape[0])[:, None] * K  # one bincount for the whole chunk
+            counts = np.bincount((rows + labels).ravel(), minlength=labels.shape[0] * K)
+            present[start : start + labels.shape[0]] = counts.reshape(-1, K) > 0
+        return present
+
     def slice_mask(self, split: str = "train") -> np.ndarray:
         """Slices of the ``train`` or ``val`` cases (validation fold of each dataset), or ``all``."""
         if split == "all":
@@ -145,6 +157,9 @@ class SliceCache:
         return [c for c in self.meta["cases"] if c["num_slices"] and mask[c["slice_start"]]]
 
 
+FOREGROUND_SAMPLING = ("any", "class")
+
+
 class BalancedBatchSampler:
     """Epochs of batches of slice indices, balanced over datasets, with foreground oversampling.
 
@@ -156,6 +171,10 @@ class BalancedBatchSampler:
         dataset_weights: relative probability of each dataset, in the cache's order (default:
             balanced datasets; training passes the config's ``weight``s).
         foreground_fraction: share of samples forced to come from slices with foreground.
+        foreground_sampling: how a forced sample is drawn: ``any``, a slice with any foreground;
+            ``class``, a foreground class of its dataset drawn uniformly, then a slice that holds it
+            (nnU-Net's oversampling: a small organ such as the gallbladder is drawn as often as the
+            liver, not only as often as the slices that show it).
         seed: base seed; epoch ``e`` is drawn from ``(seed, e)``.
     """
 
@@ -167,14 +186,17 @@ class BalancedBatchSampler:
         samples_per_epoch: int | None = None,
         dataset_weights: list[float] | None = None,
         foreground_fraction: float = 0.33,
+        foreground_sampling: str = "any",
         seed: int = 0,
     ) -> None:
+        if foreground_sampling not in FOREGROUND_SAMPLING:
+            raise ValueError(f"foreground_sampling must be one of {FOREGROUND_SAMPLING}, got {foreground_sampling!r}")
         mask = np.ones(len(cache), dtype=bool) if mask is None else mask
         dataset = cache.index["dataset"]
         weights = dataset_weights or [1.0] * len(cache.meta["datasets"])
         if len(weights) != len(cache.meta["datasets"]):
             raise ValueError(f"{len(weights)} dataset weights for a cache of {len(cache.meta['datasets'])} datasets")
-        self.pools, self.fg_pools, kept = [], [], []
+        self.pools, self.fg_pools, self.class_pools, kept = [], [], [], []
         for d, weight in enumerate(weights):
             pool = np.flatnonzero(mask & (dataset == d))
             if pool.size == 0:
@@ -182,6 +204,9 @@ class BalancedBatchSampler:
             fg = pool[cache.index["foreground"][pool] > 0]
             self.pools.append(pool)
             self.fg_pools.append(fg if fg.size else pool)
+            if foreground_sampling == "class":
+                present = cache.slice_classes(fg)[:, 1:]  # foreground classes only
+                self.class_pools.append([fg[present[:, k]] for k in range(present.shape[1]) if present[:, k].any()])
             kept.append(weight)
         if not self.pools:
             raise DataError([f"{cache.path}: no slices to sample from"], "empty training set")
@@ -207,8 +232,21 @@ class BalancedBatchSampler:
         for d, (pool, fg) in enumerate(zip(self.pools, self.fg_pools, strict=True)):
             for use_fg, source in ((False, pool), (True, fg)):
                 sel = (which == d) & (force_fg == use_fg)
-                picks[sel] = source[rng.integers(0, source.size, int(sel.sum()))]
+                if use_fg and self.class_pools and self.class_pools[d]:
+                    picks[sel] = self._by_class(self.class_pools[d], int(sel.sum()), rng)
+                else:
+                    picks[sel] = source[rng.integers(0, source.size, int(sel.sum()))]
         return picks.reshape(len(self), self.batch_size)
+
+    @staticmethod
+    def _by_class(class_pools: list[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` slices, each of a class drawn uniformly and then a slice uniformly among that class's."""
+        which = rng.integers(0, len(class_pools), n)
+        picks = np.empty(n, dtype=np.int64)
+        for k, source in enumerate(class_pools):
+            sel = which == k
+            picks[sel] = source[rng.integers(0, source.size, int(sel.sum()))]
+        return picks
 
     def shard(self, rank: int, world: int) -> None:
         """Yield only this process's contiguous share of every batch (data-parallel training)."""

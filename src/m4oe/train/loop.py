@@ -276,6 +276,7 @@ def fit(
         dataset_weights=dataset_weights,
         samples_per_epoch=config.samples_per_epoch,
         foreground_fraction=config.foreground_fraction,
+        foreground_sampling=config.foreground_sampling,
         seed=config.seed,
     )
     sampler.shard(runtime.rank, runtime.world)  # every process takes its share of each global batch

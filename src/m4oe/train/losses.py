@@ -43,7 +43,9 @@ def soft_dice_per_sample(probs: Tensor, target: Tensor, classes: Tensor) -> Tens
     return torch.where(n > 0, (dice * weights).sum(1) / n.clamp_min(1), torch.ones_like(n))
 
 
-def soft_dice_batch(probs: Tensor, target: Tensor, classes: Tensor, dataset: Tensor | None = None) -> Tensor:
+def soft_dice_batch(
+    probs: Tensor, target: Tensor, classes: Tensor, dataset: Tensor | None = None, present_only: bool = False
+) -> Tensor:
     """nnU-Net's batch Dice, taken within each dataset of a mixed batch: per dataset and class,
     intersection and sizes summed over that dataset's samples, then the mean over the
     (dataset, foreground class) pairs the batch holds.
@@ -59,9 +61,18 @@ def soft_dice_batch(probs: Tensor, target: Tensor, classes: Tensor, dataset: Ten
         target: ``[B, H, W]`` class indices.
         classes: ``[B, K]`` bool, the classes each sample's dataset has (background included).
         dataset: ``[B]`` dataset index of each sample; None puts the whole batch in one group.
+        present_only: count a (dataset, class) pair only when the class is in that group's reference
+            or (argmax) prediction. nnU-Net counts every class, and an absent class then scores
+            ``smooth / (sum of its probabilities + smooth)``: the loss rewards pushing a class's
+            probability towards 1e-5 on the whole batch, which for an organ absent from most batches
+            (the gallbladder on BTCV batches of one or two slices) outweighs learning it, and in long
+            runs the organ was never predicted again (probability 0.000 even on training slices).
     """
     one_hot = _one_hot(target, probs.shape[1]).to(probs.dtype)
     has = classes.to(probs.dtype)  # a sample counts only for its own classes
+    if present_only:
+        predicted = _one_hot(class_argmax(probs.detach()), probs.shape[1]).amax(dim=(2, 3))
+        has = has * ((one_hot.sum((2, 3)) > 0) | predicted).to(probs.dtype)
     intersection = (probs * one_hot).sum((2, 3)) * has  # [B, K]
     denominator = (probs + one_hot).sum((2, 3)) * has
     if dataset is None:
@@ -81,7 +92,7 @@ def _one_hot(index: Tensor, classes: int) -> Tensor:
     return index.unsqueeze(1) == torch.arange(classes, device=index.device).view(1, -1, 1, 1)
 
 
-DICE_MODES = ("sample", "batch")
+DICE_MODES = ("sample", "batch", "batch_present")
 
 
 def segmentation_loss(
@@ -95,7 +106,8 @@ def segmentation_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``ce_weight * CE + dice_weight * (1 - soft Dice)``; CE a mean over samples, Dice per sample
     (:func:`soft_dice_per_sample`, averaged) or over each dataset's part of the batch
-    (:func:`soft_dice_batch`, grouped by ``dataset``, the ``[B]`` dataset index of each sample).
+    (:func:`soft_dice_batch`, grouped by ``dataset``, the ``[B]`` dataset index of each sample), over
+    all its classes (``batch``) or those present or predicted in the group (``batch_present``).
 
     Returns the loss and detached parts (``ce``, ``dice``) for logging (no device sync here).
     """
@@ -107,7 +119,7 @@ def segmentation_loss(
     score = (
         soft_dice_per_sample(probs, target, classes).mean()
         if dice == "sample"
-        else soft_dice_batch(probs, target, classes, dataset)
+        else soft_dice_batch(probs, target, classes, dataset, present_only=dice == "batch_present")
     )
     loss = ce_weight * ce.mean() + dice_weight * (1 - score)
     return loss, {"ce": ce.mean().detach(), "dice": score.detach()}
