@@ -204,9 +204,9 @@ class BalancedBatchSampler:
             fg = pool[cache.index["foreground"][pool] > 0]
             self.pools.append(pool)
             self.fg_pools.append(fg if fg.size else pool)
-            if foreground_sampling == "class":
-                present = cache.slice_classes(fg)[:, 1:]  # foreground classes only
-                self.class_pools.append([fg[present[:, k]] for k in range(present.shape[1]) if present[:, k].any()])
+            # per dataset, the slices holding each of its foreground classes (none: draw from fg as a whole)
+            present = cache.slice_classes(fg)[:, 1:] if foreground_sampling == "class" else np.zeros((0, 0), bool)
+            self.class_pools.append([fg[present[:, k]] for k in range(present.shape[1]) if present[:, k].any()])
             kept.append(weight)
         if not self.pools:
             raise DataError([f"{cache.path}: no slices to sample from"], "empty training set")
@@ -232,7 +232,7 @@ class BalancedBatchSampler:
         for d, (pool, fg) in enumerate(zip(self.pools, self.fg_pools, strict=True)):
             for use_fg, source in ((False, pool), (True, fg)):
                 sel = (which == d) & (force_fg == use_fg)
-                if use_fg and self.class_pools and self.class_pools[d]:
+                if use_fg and self.class_pools[d]:
                     picks[sel] = self._by_class(self.class_pools[d], int(sel.sum()), rng)
                 else:
                     picks[sel] = source[rng.integers(0, source.size, int(sel.sum()))]

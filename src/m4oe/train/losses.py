@@ -31,12 +31,11 @@ def soft_dice_per_sample(probs: Tensor, target: Tensor, classes: Tensor) -> Tens
         classes: ``[B, K]`` bool, the classes each sample's dataset has (background included).
     """
     one_hot = _one_hot(target, probs.shape[1]).to(probs.dtype)
-    predicted = _one_hot(class_argmax(probs.detach()), probs.shape[1]).amax(dim=(2, 3))  # [B, K]
     dims = (2, 3)
     intersection = (probs * one_hot).sum(dims)
     denominator = probs.sum(dims) + one_hot.sum(dims)
     dice = (2 * intersection + SMOOTH) / (denominator + SMOOTH)  # [B, K]
-    counted = classes & ((one_hot.sum(dims) > 0) | predicted)
+    counted = classes & _present_or_predicted(probs, one_hot)
     counted[:, 0] = False
     weights = counted.to(dice.dtype)
     n = weights.sum(1)
@@ -71,8 +70,7 @@ def soft_dice_batch(
     one_hot = _one_hot(target, probs.shape[1]).to(probs.dtype)
     has = classes.to(probs.dtype)  # a sample counts only for its own classes
     if present_only:
-        predicted = _one_hot(class_argmax(probs.detach()), probs.shape[1]).amax(dim=(2, 3))
-        has = has * ((one_hot.sum((2, 3)) > 0) | predicted).to(probs.dtype)
+        has = has * _present_or_predicted(probs, one_hot).to(probs.dtype)
     intersection = (probs * one_hot).sum((2, 3)) * has  # [B, K]
     denominator = (probs + one_hot).sum((2, 3)) * has
     if dataset is None:
@@ -84,6 +82,12 @@ def soft_dice_batch(
     counted = first[:, None] & (groups @ has > 0)
     counted[:, 0] = False
     return (dice * counted).sum() / counted.sum().clamp_min(1)
+
+
+def _present_or_predicted(probs: Tensor, one_hot: Tensor) -> Tensor:
+    """``[B, K]`` bool: each sample's classes that are in its reference or its (argmax) prediction."""
+    predicted = _one_hot(class_argmax(probs.detach()), probs.shape[1]).amax(dim=(2, 3))
+    return (one_hot.sum((2, 3)) > 0) | predicted
 
 
 def _one_hot(index: Tensor, classes: int) -> Tensor:
