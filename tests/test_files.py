@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from m4oe.files import atomic_write, replace_dir, write_csv, write_json, write_text
+from m4oe.files import (
+    MARKER,
+    OutputError,
+    atomic_write,
+    mark_output_dir,
+    replace_dir,
+    write_csv,
+    write_json,
+    write_text,
+)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
@@ -37,10 +46,22 @@ def test_json_and_csv_round_trip(tmp_path):
 
 
 def test_replace_dir_swaps_a_whole_folder(tmp_path):
-    (tmp_path / "target").mkdir()
+    mark_output_dir(tmp_path / "target", "cache")
     (tmp_path / "target" / "stale.txt").write_text("stale")
-    (tmp_path / "new").mkdir()
+    mark_output_dir(tmp_path / "new", "cache")
     (tmp_path / "new" / "fresh.txt").write_text("fresh")
-    replace_dir(tmp_path / "new", tmp_path / "target")
-    assert [p.name for p in (tmp_path / "target").iterdir()] == ["fresh.txt"]
+    replace_dir(tmp_path / "new", tmp_path / "target", "cache")
+    assert sorted(p.name for p in (tmp_path / "target").iterdir()) == [MARKER, "fresh.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def test_replace_dir_never_replaces_a_folder_that_is_not_its_own_kind(tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "thesis.md").write_text("mine")
+    mark_output_dir(tmp_path / "new", "cache")
+    with pytest.raises(OutputError, match="holds files m4oe did not write"):
+        replace_dir(tmp_path / "new", tmp_path / "target", "cache")
+    mark_output_dir(tmp_path / "run", "run")
+    with pytest.raises(OutputError, match="holds m4oe's run, not a cache"):
+        replace_dir(tmp_path / "new", tmp_path / "run", "cache")
+    assert (tmp_path / "target" / "thesis.md").read_text() == "mine" and (tmp_path / "run" / MARKER).is_file()

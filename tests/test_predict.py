@@ -14,6 +14,7 @@ from m4oe import create_model, load_bundle, save_bundle
 from m4oe.cli import app
 from m4oe.config import ModelConfig
 from m4oe.data.io import Geometry, read_volume
+from m4oe.files import mark_output_dir
 from m4oe.infer import predict
 from m4oe.infer.predict import (
     CPU_BATCH,
@@ -239,6 +240,7 @@ def test_folder_pipeline_reads_ahead_writes_behind_and_reports_in_order(tmp_path
     """Volumes are read on a background thread at most one ahead; a write failure is that file's alone."""
     names = ["a", "b", "c", "d", "e"]
     inputs = [write_image(tmp_path / "in" / f"{n}_0000.nii.gz", l_shape()) for n in names]
+    mark_output_dir(tmp_path / "out", "predictions")  # an earlier predictions folder, replaced with --overwrite
     (tmp_path / "out" / "c.nii.gz").mkdir(parents=True)  # c's result cannot be written: a folder is in the way
     events, lock = [], threading.Lock()
     real_read, real_predict = predict.read_volume, Predictor.predict_volume
@@ -255,7 +257,8 @@ def test_folder_pipeline_reads_ahead_writes_behind_and_reports_in_order(tmp_path
 
     monkeypatch.setattr(predict, "read_volume", read)
     monkeypatch.setattr(Predictor, "predict_volume", predict_volume)
-    report = predict_paths(Predictor(threshold_model()), inputs, tmp_path / "out", dataset="phantom", progress=False)
+    report = predict_paths(Predictor(threshold_model()), inputs, tmp_path / "out", dataset="phantom", progress=False,
+                           overwrite=True)  # fmt: skip
     assert [p.name for p in report.written] == ["a.nii.gz", "b.nii.gz", "d.nii.gz", "e.nii.gz"]
     assert [(p.name, "c.nii.gz" in why) for p, why in report.failed] == [("c_0000.nii.gz", True)]
     reads = [e for e in events if e[0] == "read"]

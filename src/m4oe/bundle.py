@@ -26,7 +26,7 @@ from .model.base import SegmentationModel
 from .model.presets import build_model
 
 FORMAT = "m4oe-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json carries its own checksum (config_sha256) and its kind
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -59,8 +59,10 @@ def save_bundle(model: SegmentationModel, directory: str | os.PathLike, extra: d
         "class_names": model.class_names,
         "label_sets": model.label_sets,
         "weights": {"file": WEIGHTS, "sha256": _sha256(weights)},
+        "kind": "pretrain" if extra.get("phase") == "pretrain" else "segmentation",
         "extra": extra,
     }
+    config["config_sha256"] = config_digest(config)
     text = json.dumps(config, indent=2)
     atomic_write(directory / CONFIG, lambda tmp: tmp.write_text(text))
     return directory
@@ -108,6 +110,7 @@ def load_bundle(directory: str | os.PathLike, map_location: str | torch.device =
     model.preset = config.get("preset")
     model.overrides = config.get("overrides", {})
     model.bundle_extra = config.get("extra", {})
+    model.bundle_kind = bundle_kind(config)
     return model.to(map_location)
 
 
@@ -124,6 +127,12 @@ def read_bundle_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(f"{path}: not an m4oe bundle config (format is not {FORMAT!r})")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {config['format_version']} is newer than this m4oe reads")
+    if "config_sha256" in config or config.get("format_version", 0) >= 2:
+        if config.get("config_sha256") != config_digest(config):
+            raise BundleError(
+                f"{path}: its checksum does not match its content (an edited or damaged file); use the bundle as "
+                "saved (settings are changed by training a new model, not by editing config.json)"
+            )
     required = ("model_config", "modalities", "class_names", "label_sets", "weights")
     missing = [key for key in required if key not in config]
     if missing:
@@ -139,6 +148,29 @@ def read_bundle_config(directory: str | os.PathLike) -> dict[str, Any]:
     if wrong:
         raise BundleError(f"{path}: wrong types for {wrong} (an edited or damaged file); use the bundle as saved")
     return config
+
+
+def bundle_kind(config: dict[str, Any]) -> str:
+    """``segmentation`` (a trained segmentation model) or ``pretrain`` (phase 1: the head never saw labels);
+    bundles saved before the kind was recorded say it through their training phase."""
+    if "kind" in config:
+        return str(config["kind"])
+    return "pretrain" if config.get("extra", {}).get("phase") == "pretrain" else "segmentation"
+
+
+def check_segmentation_bundle(model: SegmentationModel, where: str | os.PathLike) -> None:
+    """Refuse a phase-1 bundle where a segmentation model is needed (predict, experts, add-modality)."""
+    if getattr(model, "bundle_kind", "segmentation") == "pretrain":
+        raise BundleError(
+            f"{where}: a phase-1 (MAE pre-training) bundle, whose head never learnt any labels; give a bundle "
+            "made by 'm4oe train' (RUN/best or RUN/last)"
+        )
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """SHA-256 of a bundle config without its own checksum, in a canonical JSON form."""
+    content = {k: v for k, v in config.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _str_list(value: Any) -> bool:

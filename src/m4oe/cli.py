@@ -8,9 +8,16 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(help="M4oE: one segmentation model across imaging modalities.", no_args_is_help=True)
-console = Console(soft_wrap=True)
+# markup off: paths and values the user gave ("scans [patient 1]", "[/y]") are printed as written
+console = Console(soft_wrap=True, markup=False, highlight=False)
+
+
+def _tagged(tag: str, style: str, text: object) -> None:
+    """One line, ``tag`` coloured, ``text`` exactly as given."""
+    console.print(Text.assemble((tag, style), " ", str(text)))
 
 
 @app.callback()
@@ -39,7 +46,7 @@ def info(
     try:
         result = model_info(preset, _split(modalities), num_classes=num_classes)
     except (ConfigError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        _tagged("error:", "red", err)
         raise typer.Exit(2) from err
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -76,22 +83,21 @@ def prepare(
         if verify_only:
             sources, _ = check(experiment, workers=workers)
             cases = sum(len(s.cases) for s in sources)
-            console.print(f"[green]ok[/green]: {cases} cases in {len(sources)} datasets passed the integrity check")
+            _tagged("ok:", "green", f"{cases} cases in {len(sources)} datasets passed the integrity check")
             return
         if out is None:
             raise ConfigError("give --out CACHE_DIR (or --verify-only)")
         result = run_prepare(experiment, out, img_size=img_size, storage=storage, workers=workers, force=force)
     except (ConfigError, DataError) as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        _tagged("error:", "red", err)
         raise typer.Exit(1) from err
     state = "up to date" if result.up_to_date else f"written in {result.seconds:.1f} s"
     console.print(
         f"cache {result.path}: {result.num_slices} slices from {result.num_cases} cases, "
         f"{result.size_bytes / 2**20:.1f} MiB ({state})",
-        highlight=False,
     )
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        _tagged("warning:", "yellow", warning)
 
 
 def _load(config: Path, epochs: int | None = None, pretrain_epochs: int | None = None):
@@ -114,7 +120,7 @@ DEBUG = False  # --debug: errors keep their traceback
 def _fail(err: Exception) -> None:
     if DEBUG:
         raise err
-    console.print(f"[red]error:[/red] {err}", highlight=False)
+    _tagged("error:", "red", err)
     raise typer.Exit(1) from err
 
 
@@ -169,7 +175,7 @@ def train(
             summary = f"best validation Dice {max(dice):.4f} (bundle {where / 'best'}), last bundle {where / 'last'}"
         else:
             summary = f"no validation; last bundle {where / 'last'}"
-        console.print(f"{name}: {summary}", highlight=False)
+        console.print(f"{name}: {summary}")
 
 
 @app.command("add-modality")
@@ -200,11 +206,10 @@ def add_modality(
     console.print(
         f"added expert {info['modality']} for {info['datasets']}: {added['total']:,} parameters "
         f"(expert {added['expert']:,}, gates {added['gates']:,}, head {added['head']:,}); mode {mode}",
-        highlight=False,
     )
     dice = [r["val_dice"] for r in history.rows if "val_dice" in r]
-    console.print(f"best validation Dice {max(dice):.4f}" if dice else "no validation", highlight=False)
-    console.print(f"bundles in {out / 'best'} and {out / 'last'}", highlight=False)
+    console.print(f"best validation Dice {max(dice):.4f}" if dice else "no validation")
+    console.print(f"bundles in {out / 'best'} and {out / 'last'}")
 
 
 def _angles(text: str | None) -> tuple[float, ...]:
@@ -235,7 +240,10 @@ def predict(
     postprocess: bool = typer.Option(
         True, help="With --dataset: keep the largest component of the labels where training's validation chose it."
     ),
-    probabilities: bool = typer.Option(False, help="Also write class probabilities (.npz)."),
+    probabilities: bool = typer.Option(
+        False, help="Also write class probabilities (CASE_probabilities.npz: the label map's voxel order, geometry)."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace label maps (and probabilities) already in the -o folder."),
     routing: str = typer.Option(None, help="Override routing: hard (one expert: faster), soft, uniform."),
     batch_size: int = typer.Option(None, help="Slices per forward pass (default: 16 on a GPU, 8 on a CPU)."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
@@ -255,21 +263,22 @@ def predict(
             postprocess=postprocess, rotations=rotations,
         )  # fmt: skip
         largest_only = predictor.resolve(dataset, modality)["largest_only"]
-        report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities)
+        report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities,
+                               overwrite=overwrite)  # fmt: skip
     except (BundleError, PredictError) as err:
         _fail(err)
     if largest_only:
-        console.print(f"largest connected component only: {', '.join(largest_only)}", highlight=False)
+        console.print(f"largest connected component only: {', '.join(largest_only)}")
     for path, weights in report.experts.items():
         if len(weights) > 1 and modality is None:
             top = max(weights, key=weights.get)
             detail = ", ".join(f"{m} {w:.2f}" for m, w in weights.items())
-            console.print(f"{Path(path).name}: expert {top} dominated (mean gate weight {detail})", highlight=False)
+            console.print(f"{Path(path).name}: expert {top} dominated (mean gate weight {detail})")
     for path, text in report.warnings:
-        console.print(f"[yellow]warning[/yellow] {path}: {text}", highlight=False)
+        _tagged("warning", "yellow", f"{path}: {text}")
     for path, reason in report.failed:
-        console.print(f"[red]skipped[/red] {path}: {reason}", highlight=False)
-    console.print(f"{len(report.written)} label maps written to {out}", highlight=False)
+        _tagged("skipped", "red", f"{path}: {reason}")
+    console.print(f"{len(report.written)} label maps written to {out}")
     if report.failed:
         raise typer.Exit(1)
 
@@ -290,8 +299,8 @@ def evaluate(
         summary = evaluate_folders(gt, pred, labels, out, nsd_tolerance, workers)
     except EvaluationError as err:
         _fail(err)
-    console.print(markdown_table(summary), highlight=False)
-    console.print(f"written {out} (+ .csv, .md, _dice_boxplot.png)", highlight=False)
+    console.print(markdown_table(summary))
+    console.print(f"written {out} (+ .csv, .md, _dice_boxplot.png)")
 
 
 @app.command()
@@ -312,7 +321,7 @@ def overlay(
         path = overlay_files(image, out, gt, pred, names)
     except (ImageReadError, ValueError) as err:
         _fail(err)
-    console.print(f"written {path}", highlight=False)
+    console.print(f"written {path}")
 
 
 @app.command()
@@ -336,7 +345,7 @@ def experts(
     except (BundleError, PredictError, ImageReadError, ValueError) as err:
         _fail(err)
     weights = ", ".join(f"{m} {w:.3f}" for m, w in zip(predictor.model.modalities, table["all blocks"], strict=True))
-    console.print(f"mean gate weight over all blocks: {weights}; written {out / 'experts.png'}", highlight=False)
+    console.print(f"mean gate weight over all blocks: {weights}; written {out / 'experts.png'}")
 
 
 @app.command()
@@ -349,9 +358,8 @@ def demo(
     from .demo.run import run_demo
 
     console.print(
-        "m4oe demo: a small [bold]m4oe-convnext-s[/bold] model trained for about three minutes on 4 MRI volumes "
+        "m4oe demo: a small m4oe-convnext-s model trained for about three minutes on 4 MRI volumes "
         "and 1 CT shipped with the package. It shows the workflow; its Dice is not a benchmark result.",
-        highlight=False,
     )
     result = run_demo(out, quick=quick, device=device, say=console.print)
     table = Table(title=f"held-out MRI case, Dice ({result.seconds:.0f} s in all)")
@@ -361,7 +369,7 @@ def demo(
     table.add_row(*(f"{v:.3f}" for v in result.dice.values()), f"{result.mean_dice:.3f}")
     console.print(table)
     console.print(f"results in {result.out}/: train/ (bundles, metrics.csv, curve.png), predictions/, "
-                  f"evaluation/summary.json, {result.overlay.name}, experts/experts.png", highlight=False)  # fmt: skip
+                  f"evaluation/summary.json, {result.overlay.name}, experts/experts.png")  # fmt: skip
 
 
 @app.command()
@@ -468,7 +476,7 @@ def main() -> None:
     except Exception as err:  # anything a command did not turn into a message itself
         if DEBUG:
             raise
-        console.print(f"[red]error:[/red] {_one_line(err)}", highlight=False)
+        _tagged("error:", "red", _one_line(err))
         sys.exit(1)
 
 

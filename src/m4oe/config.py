@@ -17,6 +17,33 @@ class ConfigError(ValueError):
 ARCHITECTURES = ("swin", "convnext")
 
 
+def _check_field_types(config: Any, prefix: str) -> None:
+    """Every plain field of a config dataclass holds a value of its declared kind: whole numbers for
+    ``int`` fields (``64.0`` and ``"64"`` are refused), finite numbers for ``float`` ones, true/false
+    for ``bool`` ones, text for ``str`` ones, lists of whole numbers for ``tuple[int, ...]`` ones."""
+    import math
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = {
+        "int": (whole, "a whole number"),
+        "float": (lambda v: (whole(v) or isinstance(v, float)) and math.isfinite(v), "a finite number"),
+        "bool": (lambda v: isinstance(v, bool), "true or false"),
+        "str": (lambda v: isinstance(v, str), "text"),
+        "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(map(whole, v)), "a list of whole numbers"),
+        "int | None": (lambda v: v is None or whole(v), "a whole number"),
+        "str | None": (lambda v: v is None or isinstance(v, str), "text"),
+    }
+    for f in dataclasses.fields(config):
+        if f.type in checks:
+            fits, kind = checks[f.type]
+            value = getattr(config, f.name)
+            if not fits(value):
+                raise ConfigError(f"{prefix}{f.name} must be {kind}, got {type(value).__name__} {value!r}")
+
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of an M4oE model (or its dense baseline).
@@ -60,6 +87,9 @@ class ModelConfig:
             channels (2.5D input: ``[z - k, ..., z + k]``, zero beyond the volume), so that the model
             sees where it is in the stack (the base of the heart, the ends of an organ). A new
             model starts as its 2D twin: the stem's weights on the neighbours start at zero.
+        matched_experts: with ``compute_matched``, the number of experts each expert's width is
+            matched for (0: the model's number of modalities). ``add-modality`` sets it to the old
+            count, so that the old experts keep their width when one more is added.
     """
 
     arch: str = "swin"
@@ -86,8 +116,10 @@ class ModelConfig:
     spatial: str = "depthwise"
     full_res_convs: int = 0
     slice_context: int = 0
+    matched_experts: int = 0
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "")
         if self.in_chans == 1 and self.slice_context > 0:
             object.__setattr__(self, "in_chans", 1 + 2 * self.slice_context)
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -127,6 +159,8 @@ class ModelConfig:
             raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if self.slice_context < 0:
             raise ConfigError(f"slice_context must be >= 0, got {self.slice_context}")
+        if self.matched_experts < 0:
+            raise ConfigError(f"matched_experts must be >= 0, got {self.matched_experts}")
         if self.in_chans != 1 + 2 * self.slice_context:
             raise ConfigError(
                 f"in_chans {self.in_chans} does not match slice_context {self.slice_context}: the input is each "
@@ -371,6 +405,11 @@ class TrainConfig:
     norm_pix_loss: bool = True
 
     def __post_init__(self) -> None:
+        # YAML 1.1 reads a bare `off` / `on` as false / true: take them as the words the user wrote
+        for name in ("amp", "compile"):
+            if isinstance(getattr(self, name), bool):
+                object.__setattr__(self, name, "on" if getattr(self, name) else "off")
+        _check_field_types(self, "train.")
         counts = ("epochs", "batch_size", "workers", "pretrain_epochs", "val_every", "checkpoint_every", "seed")
         optional = ("samples_per_epoch",)  # None: the number of training slices
         for name in (*counts, *optional):
@@ -386,10 +425,18 @@ class TrainConfig:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"train.{name} must be a positive number, got {value!r}")
-        # YAML 1.1 reads a bare `off` / `on` as false / true: take them as the words the user wrote
-        for name in ("amp", "compile"):
-            if isinstance(getattr(self, name), bool):
-                object.__setattr__(self, name, "on" if getattr(self, name) else "off")
+        at_least_zero = ("min_lr", "weight_decay", "warmup_epochs", "grad_clip", "ce_weight", "dice_weight",
+                         "val_every", "checkpoint_every", "seed")  # fmt: skip
+        for name in at_least_zero:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)!r}")
+        if self.ce_weight + self.dice_weight <= 0:
+            raise ConfigError("train.ce_weight and train.dice_weight cannot both be 0: nothing would be learnt")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ConfigError(
+                "train.samples_per_epoch must be 1 or more (or left out: all training slices), got "
+                f"{self.samples_per_epoch}"
+            )
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"train.amp must be auto, bf16 or off, got {self.amp!r}")
         for name, allowed in (("dice", ("sample", "batch", "batch_present")), ("optimizer", ("adamw", "sgd")),
@@ -599,9 +646,36 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     return parse_experiment(values, base_dir=path.parent, source=str(path))
+
+
+class DuplicateKeyError(ValueError):
+    """A YAML mapping names one key twice (YAML readers silently keep the last)."""
+
+
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that refuses a key written twice in one mapping."""
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in seen:
+                raise DuplicateKeyError(
+                    f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in one section; keep one"
+                )
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader

@@ -92,10 +92,23 @@ def _label_values(meta: dict, path: Path, problems: list[str]) -> dict[str, int]
     else:  # nnU-Net v2: {"background": 0, "liver": 1}
         values = {}
         for name, value in labels.items():
+            if isinstance(value, (list, tuple)):
+                problems.append(f"{path}: label {name!r} is region-based ({value!r}); give each label one value")
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
-                problems.append(f"{path}: label {name!r} has value {value!r}; region-based labels are not supported")
+                problems.append(
+                    f"{path}: label {name!r} has value {value!r}; label values must be whole numbers written "
+                    f'without quotes or decimals, e.g. "{name}": 1'
+                )
                 continue
             values[name] = value
+    if "ignore" in values:
+        # nnU-Net v2 marks unannotated voxels with a label named "ignore"; m4oe would learn it as an organ
+        problems.append(
+            f"{path}: label 'ignore' (nnU-Net's marker of unannotated voxels) is not supported: m4oe would learn it "
+            "as a class; annotate those voxels or leave the dataset out"
+        )
+        values.pop("ignore")
     by_value = {v: k for k, v in values.items()}
     if 0 not in by_value:
         problems.append(f"{path}: no label with value 0 (background)")

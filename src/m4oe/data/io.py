@@ -117,6 +117,60 @@ def check_file(path: str | os.PathLike) -> list[str]:
     return []
 
 
+def negative_voxel_sizes(path: str | os.PathLike) -> list[float] | None:
+    """The header's ``pixdim[1:4]`` of a NIfTI file when any is negative, else None.
+
+    The standard says voxel sizes are positive; ITK reads a negative one as a mirrored axis, nibabel
+    (and the viewers built on it) as its absolute value, so the two disagree on the orientation.
+    """
+    path = Path(path)
+    if not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        raw = _raw_header(path)
+    except (OSError, EOFError, zlib.error):  # an unreadable file is reported by check_file
+        return None
+    if raw is None:
+        return None
+    sizes = [round(float(v), 6) for v in np.frombuffer(raw[80:92], dtype=_header_dtype(raw) + "f4")]
+    return sizes if min(sizes) < 0 else None
+
+
+def _raw_header(path: Path) -> bytes | None:
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read(348)
+    return raw if len(raw) == 348 else None
+
+
+def _header_dtype(raw: bytes) -> str:
+    """Byte order of a NIfTI-1 header: its first field, sizeof_hdr, is 348."""
+    return "<" if int.from_bytes(raw[:4], "little") == 348 else ">"
+
+
+def write_like_nifti(array_zyx: np.ndarray, source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Write ``array_zyx`` (the source file's own voxel order, as SimpleITK reads it) as a NIfTI file
+    whose header is the source's, byte for byte in its geometry fields (negative voxel sizes
+    included), so that every reader places it exactly as it places the source."""
+    import gzip
+
+    import nibabel as nib
+
+    source = Path(source)
+    with nib.imageglobals.LoggingOutputSuppressor():  # its note that it makes the pixdims positive
+        header = nib.load(str(source)).header.copy()
+    header.set_data_dtype(array_zyx.dtype)
+    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
+    image = nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)), None, header=header)
+    data = bytearray(image.to_bytes())
+    data[80:92] = _raw_header(source)[80:92]  # the signed voxel sizes as the source wrote them
+    if str(path).lower().endswith(".gz"):
+        data = gzip.compress(bytes(data), compresslevel=6)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(bytes(data)))
+
+
 def read_label_map(path: str | os.PathLike, declared: set[int] | None = None, canonical: bool = True) -> "Volume":
     """Read a label map, refusing what would silently give wrong scores: a truncated or NaN NIfTI,
     non-integer values (a float probability map), and values outside ``declared`` (when given)."""
@@ -151,6 +205,7 @@ class Volume:
     geometry: Geometry
     orientation: str
     spacing_zyx: tuple[float, float, float]
+    source: Path | None = None  # the file it was read from (None: a DICOM series or an array)
 
 
 def read_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
@@ -167,7 +222,8 @@ def read_volume(path: str | os.PathLike, canonical: bool = True) -> Volume:
     if canonical and orientation != CANONICAL:
         image = sitk.DICOMOrient(image, CANONICAL)
     spacing = image.GetSpacing()
-    return Volume(sitk.GetArrayFromImage(image), geometry, orientation, (spacing[2], spacing[1], spacing[0]))
+    source = Path(path) if Path(path).is_file() else None
+    return Volume(sitk.GetArrayFromImage(image), geometry, orientation, (spacing[2], spacing[1], spacing[0]), source)
 
 
 def flip_in_plane(array: np.ndarray, axes: list[str] | tuple[str, ...]) -> np.ndarray:

@@ -28,7 +28,8 @@ def sample_foreground(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
 
 def ct_statistics(samples: list[np.ndarray]) -> dict[str, Any]:
     """The ``ct`` scheme's statistics from foreground samples of all training cases."""
-    values = np.concatenate([s for s in samples if s.size]) if samples else np.empty(0)
+    nonempty = [s for s in samples if s.size]
+    values = np.concatenate(nonempty) if nonempty else np.empty(0)
     if values.size == 0:
         raise ValueError("no foreground voxels to compute CT normalisation statistics from")
     lo, hi = np.percentile(values, PERCENTILES)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..config import FLIP_AXES, ExperimentConfig, build_vocabulary
-from ..files import replace_dir
+from ..files import OutputError, check_output_dir, mark_output_dir, replace_dir
 from .datasets import Case, DataError, DatasetSource, assign_folds, open_dataset
 from .normalize import ct_statistics, normalize, sample_foreground, scheme_statistics
 
@@ -298,7 +298,11 @@ def _statistics(sources: list[DatasetSource], results: list[dict]) -> dict[str, 
             try:
                 stats[source.name] = ct_statistics([r["samples"] for r in own if "samples" in r])
             except ValueError as err:
-                raise DataError([f"{source.root}: {err} (use normalization: mri or none)"]) from err
+                why = "every label map is empty (check labelsTr)" if source.labeled else "it has labels: none"
+                raise DataError(
+                    [f"{source.root}: {err}: {why}; CT statistics come from labelled voxels (or use normalization: "
+                     "mri or none)"]
+                ) from err
         else:
             stats[source.name] = scheme_statistics(source.normalization)
         stats[source.name]["modality"] = source.modality
@@ -313,11 +317,14 @@ def prepare(
     workers: int = 2,
     progress: bool = True,
     force: bool = False,
+    output_option: str = "-o",
 ) -> PrepareResult:
     """Check the config's datasets and write their slice cache to ``out``.
 
     ``img_size`` defaults to the config's model input size. A cache already at ``out`` with the same
-    fingerprint is kept as it is (``up_to_date``), unless ``force``.
+    fingerprint is kept as it is (``up_to_date``), unless ``force``. ``out`` must be new, empty or
+    m4oe's own cache (never a dataset or a folder of other files: see :func:`check_output_dir`);
+    ``output_option`` names it in the refusal.
     """
     from ..model.presets import preset_config
 
@@ -325,7 +332,7 @@ def prepare(
     if storage not in STORAGE_TYPES:
         raise ValueError(f"storage must be one of {STORAGE_TYPES}, got {storage!r}")
     size = img_size or preset_config(config.preset, **config.model_overrides).img_size
-    out = Path(out)
+    out = check_output_dir(out, "cache", [d.path for d in config.datasets], option=output_option)
     problems: list[str] = []
     sources = discover(config, problems)
     if problems:
@@ -356,7 +363,13 @@ def prepare(
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise OutputError(
+            f"{output_option} {out}: cannot be created here ({err.strerror}); give {output_option.split()[-1]} "
+            "a folder in a writable place"
+        ) from None
     try:
         images_path, labels_path = tmp / "images.npy", tmp / "labels.npy"
         np.lib.format.open_memmap(images_path, "w+", np.dtype(storage), (total, size, size)).flush()
@@ -386,13 +399,19 @@ def prepare(
         meta.update(format=CACHE_FORMAT, img_size=size, storage=storage, num_slices=total, fingerprint=fingerprint)
         _write_index(tmp / "index.npz", sources, pairs, written, counts, modalities)
         with np.load(tmp / "index.npz") as index:
-            slice_dataset = index["dataset"]
+            slice_dataset, foreground = index["dataset"], index["foreground"]
         labels = np.load(labels_path, mmap_mode="r")
         meta["warnings"] = mirrored_datasets(labels, slice_dataset, [s.name for s in sources], vocabulary)
+        meta["warnings"] += [
+            f"{s.name}: every label map is empty (background only): nothing to learn from; check {s.root}/labelsTr"
+            for d, s in enumerate(sources)
+            if s.labeled and not (foreground[slice_dataset == d] > 0).any()
+        ]
         del labels
         meta["complete"] = True
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        replace_dir(tmp, out)
+        mark_output_dir(tmp, "cache")
+        replace_dir(tmp, out, "cache")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult(out, total, len(pairs), _size(out), False, time.perf_counter() - started, meta["warnings"])
@@ -522,4 +541,4 @@ def _write_index(path: Path, sources, pairs, written, counts, modalities) -> Non
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.name.startswith("."))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ..files import write_text
+from ..files import check_output_dir, folder_kind, mark_output_dir, write_text
 
 DATA = Path(__file__).parent / "data"
 HELD_OUT = "chaos_21"
@@ -72,9 +72,11 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, device: str |
     from ..viz.overlay import overlay_files
 
     started = time.perf_counter()
-    out = Path(out)
+    out = check_output_dir(out, "demo")  # never a folder of the user's files: the runs below are removed
     for previous in ("pretrain", "train"):  # a rerun of the demo starts its runs afresh
-        shutil.rmtree(out / previous, ignore_errors=True)
+        if folder_kind(out / previous) == "run":
+            shutil.rmtree(out / previous)
+    mark_output_dir(out, "demo")
     experiment = load_experiment(demo_config(out, quick))
     cache = out / "cache"
     chaos = DATA / "Dataset801_CHAOS_T2_demo"
@@ -90,9 +92,9 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, device: str |
     predictor = Predictor(load_bundle(best), device)
     predictions = out / "predictions"
     mri_image = chaos / "imagesTr" / f"{HELD_OUT}_0000.nii.gz"
-    predict_paths(predictor, [mri_image], predictions, dataset="CHAOS", progress=False)
+    predict_paths(predictor, [mri_image], predictions, dataset="CHAOS", progress=False, overwrite=True)
     predict_paths(predictor, [ct / "imagesTr" / "tsct_001_0000.nii.gz"], predictions, dataset="TotalSegCT",
-                  progress=False)  # fmt: skip
+                  progress=False, overwrite=True)  # fmt: skip
 
     say("4/6 evaluating the held-out case ...")
     reference = out / "reference"

@@ -9,6 +9,7 @@ organs as columns, mean last) and ``dice_boxplot.png``.
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,13 @@ def evaluate_folders(
     nsd_tolerance_mm: float = 2.0,
     workers: int = 2,
 ) -> dict[str, Any]:
-    """Score every reference case; write summary.json (+ .csv, .md, box plot) next to ``out``."""
+    """Score every reference case; write summary.json (+ .csv, .md, box plot) next to ``out``.
+
+    Everything is checked before the cases are scored: the tolerance, and ``out``: a ``.json`` file
+    name that is new or an earlier summary (never a folder or another file)."""
+    if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm > 0):
+        raise EvaluationError(f"--nsd-tolerance {nsd_tolerance_mm}: give the surface tolerance in mm, above 0")
+    check_summary_path(Path(out))
     names = read_labels_json(labels_json)
     labels = sorted(names)
     tasks = [(str(r), str(p), labels, nsd_tolerance_mm) for r, p in pair_files(gt_dir, pred_dir)]
@@ -93,6 +100,21 @@ def evaluate_folders(
     summary = summarise(per_case, names, nsd_tolerance_mm)
     write_outputs(summary, Path(out))
     return summary
+
+
+def check_summary_path(out: Path) -> None:
+    """``out`` may take a summary: a ``.json`` name, not a folder, and if it exists, an earlier summary."""
+    if out.is_dir():
+        raise EvaluationError(f"-o {out}: is a folder; give the summary's file name, e.g. {out / 'summary.json'}")
+    if out.suffix.lower() != ".json":
+        raise EvaluationError(f"-o {out}: give a file name ending in .json (the .csv, .md and box plot go beside it)")
+    if out.exists():
+        try:
+            earlier = json.loads(out.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "metric_per_case" in earlier):
+            raise EvaluationError(f"-o {out}: exists and is not an m4oe summary; give a new file name")
 
 
 def summarise(per_case: list[dict], names: dict[int, str], tolerance: float) -> dict[str, Any]:

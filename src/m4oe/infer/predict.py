@@ -21,14 +21,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..bundle import check_segmentation_bundle
 from ..config import ROUTING_MODES
-from ..data.io import IMAGE_SUFFIXES, ImageReadError, Volume, check_file, flip_in_plane, read_volume, write_volume
+from ..data.io import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    Volume,
+    check_file,
+    flip_in_plane,
+    negative_voxel_sizes,
+    read_volume,
+    write_like_nifti,
+    write_volume,
+)
 from ..data.loader import stack_slice_context
 from ..data.normalize import normalize
 from ..data.postprocess import keep_largest_components
 from ..data.resample import SlicePlan, fit_slices, unfit_logits
 from ..devices import resolve_device
-from ..files import atomic_write
+from ..files import OutputError, atomic_write, check_output_dir, dataset_root, mark_output_dir
 from ..memory import keep_freed_memory
 from ..model.base import SegmentationModel
 from ..model.head import class_argmax
@@ -131,6 +142,7 @@ class Predictor:
         postprocess: bool = True,
         rotations: tuple[float, ...] = (),
     ) -> None:
+        check_segmentation_bundle(model, "--model")
         self.device = resolve_device(device)
         # The whole model runs in bf16 (weights and activations), not under autocast: faster.
         self.dtype = inference_dtype(precision, self.device)
@@ -294,6 +306,7 @@ class Predictor:
             weights = (gate_sum / gate_count).tolist()
             experts = {m: round(w, 4) for m, w in zip(self.model.modalities, weights, strict=True)}
         warnings = modality_warnings(volume, request["normalization"], self.model.modalities) + edges
+        warnings += header_warnings(volume)
         return Prediction(
             values[labels], request["classes"], request["values"], experts, probs_out, warnings, largest_only
         )
@@ -311,6 +324,19 @@ def modality_warnings(volume: Volume, normalization: dict, modalities: list[str]
             f"normalised as MRI; this model's experts are {modalities}: check --dataset / --modality"
         ]
     return []
+
+
+def header_warnings(volume: Volume) -> list[str]:
+    """A NIfTI whose header gives a negative voxel size is oriented one way by ITK and another by
+    nibabel-based tools: say so (its label map copies its header, so each tool shows both alike)."""
+    sizes = negative_voxel_sizes(volume.source) if volume.source is not None else None
+    if sizes is None:
+        return []
+    return [
+        f"its header gives a negative voxel size (pixdim[1:4] = {sizes}), which ITK reads as a mirrored axis and "
+        "nibabel as a positive size: tools disagree on its orientation. The label map copies its header, so each "
+        "tool overlays it on the scan as it shows the scan; fix the scan's header to remove the ambiguity"
+    ]
 
 
 def edge_warnings(labels: np.ndarray, plan: SlicePlan, fov: float) -> list[str]:
@@ -399,8 +425,12 @@ def predict_paths(
     modality: str | None = None,
     probabilities: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PredictReport:
     """Predict every input; a file that fails is reported and skipped, the others are written.
+
+    ``out_dir`` must be new, empty or an earlier m4oe predictions folder; files already there are
+    replaced only with ``overwrite`` (all of this is checked before any volume is read).
 
     Reading (and checking) the next volume and writing the previous result run on two background
     threads while the model predicts the current volume, so that a folder of scans is not bound by
@@ -412,6 +442,8 @@ def predict_paths(
     predictor.resolve(dataset, modality)  # a bad request fails before any file is read
     out_dir = Path(out_dir)
     check_output_names(inputs, out_dir)
+    check_existing_outputs(inputs, out_dir, probabilities, overwrite)
+    mark_output_dir(out_dir, "predictions")
     outcomes: list[str | tuple[Future, dict]] = []  # per input: why it failed, or (its write, expert weights)
     report = PredictReport()
     with ThreadPoolExecutor(1, "m4oe-read") as reader, ThreadPoolExecutor(1, "m4oe-write") as writer:
@@ -456,9 +488,40 @@ def check_output_names(inputs: list[Path], out_dir: Path) -> None:
             f"{len(clashes)} output name(s) would be written twice, e.g. {name} from "
             f"{', '.join(p.name for p in paths)}: predict these inputs into separate folders"
         )
-    out = Path(out_dir).resolve()
-    if any(Path(p).resolve().parent == out and Path(p).is_file() for p in inputs):
-        raise PredictError(f"{out_dir}: the output folder holds the input images; choose another -o folder")
+    roots = {root for root in map(dataset_root, inputs) if root is not None}  # their nnU-Net dataset folders
+    try:
+        check_output_dir(out_dir, "predictions", [*inputs, *roots])
+    except OutputError as err:
+        raise PredictError(str(err)) from None
+
+
+def output_files(path: Path, out_dir: Path, probabilities: bool) -> list[Path]:
+    """Every file predicting ``path`` into ``out_dir`` may write (the label map as NIfTI or, for a
+    sheared direction, MetaImage; the probabilities)."""
+    name = output_name(path)
+    files = [out_dir / name, out_dir / name.replace(".nii.gz", ".mha")]
+    if probabilities:
+        files.append(probabilities_path(out_dir / name))
+    return files
+
+
+def check_existing_outputs(inputs: list[Path], out_dir: Path, probabilities: bool, overwrite: bool) -> None:
+    """Refuse to replace files a prediction would write over, unless ``overwrite``."""
+    if overwrite:
+        return
+    existing = [f for p in inputs for f in output_files(p, Path(out_dir), probabilities) if f.exists()]
+    if existing:
+        raise PredictError(
+            f"-o {out_dir}: {len(existing)} output file(s) exist already, e.g. {existing[0].name}: pass --overwrite "
+            "to replace them, or choose another -o folder"
+        )
+
+
+def probabilities_path(label_path: Path) -> Path:
+    """``case.nii.gz`` / ``case.mha`` -> ``case_probabilities.npz``."""
+    name = label_path.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else label_path.stem
+    return label_path.with_name(f"{stem}_probabilities.npz")
 
 
 PREDICT_FAILURES = (ImageReadError, ValueError, RuntimeError, OSError)  # reported per file; other errors stop
@@ -485,15 +548,42 @@ def _write(target: Path, volume: Volume, result: Prediction) -> Path:
         # NIfTI stores only rotations: ITK would write another direction. MetaImage keeps it exactly.
         target = target.with_name(target.name.replace(".nii.gz", ".mha"))
     dtype = np.uint8 if max(result.label_values) < 256 else np.uint16
-    write_volume(result.labels.astype(dtype), volume.geometry, target, volume.orientation)
+    if target.name.endswith(".nii.gz") and volume.source is not None and negative_voxel_sizes(volume.source):
+        labels = in_file_order(result.labels[None].astype(dtype), volume.geometry, volume.orientation)[0]
+        write_like_nifti(labels, volume.source, target)  # ITK would write positive sizes and a mirrored direction
+    else:
+        write_volume(result.labels.astype(dtype), volume.geometry, target, volume.orientation)
     if result.probabilities is not None:
+        geometry = volume.geometry
         _save_npz(
-            target.with_name(target.name.replace(".nii.gz", "_probabilities.npz")),
-            probabilities=result.probabilities,  # canonical (LPS) [class, z, y, x]
+            probabilities_path(target),
+            probabilities=in_file_order(result.probabilities, geometry, volume.orientation),
             classes=np.array(result.class_names),
             label_values=np.array(result.label_values),
+            axes=np.array(PROBABILITY_AXES),
+            spacing=np.array(geometry.spacing),
+            origin=np.array(geometry.origin),
+            direction=np.array(geometry.direction),
         )
     return target
+
+
+# the layout of ``CASE_probabilities.npz``, as docs/prediction.md and the README describe it
+PROBABILITY_AXES = "class, z, y, x: the voxel order of the label map file (SimpleITK's GetArrayFromImage)"
+
+
+def in_file_order(probabilities: np.ndarray, geometry, orientation: str) -> np.ndarray:
+    """``[class, z, y, x]`` probabilities from the canonical (LPS) order into the file's own voxel
+    order, the order in which the label map written beside them is stored."""
+    import SimpleITK as sitk
+
+    from ..data.io import from_canonical
+
+    def reorder(channel: np.ndarray) -> np.ndarray:
+        wide = channel.astype(np.float32) if channel.dtype == np.float16 else channel  # ITK has no float16
+        return sitk.GetArrayFromImage(from_canonical(wide, geometry, orientation)).astype(channel.dtype)
+
+    return np.stack([reorder(p) for p in probabilities])
 
 
 def _save_npz(path: Path, **arrays) -> None:

@@ -62,6 +62,7 @@ class SegmentationModel(nn.Module):
             cfg.routing,
             cfg.gate_modality,
             cfg.closed_experts,
+            cfg.matched_experts,
         )
 
     def label_mask(self) -> Tensor:

@@ -257,15 +257,17 @@ def make_mlp_factory(
     routing: str,
     gate_modality: bool,
     closed: tuple[tuple[int, int], ...] = (),
+    matched_experts: int = 0,
 ):
-    """A function ``dim -> nn.Module`` building the MLP of a block (dense or M4oE)."""
+    """A function ``dim -> nn.Module`` building the MLP of a block (dense or M4oE). Compute-matched
+    experts are sized for ``matched_experts`` experts (0: ``num_experts``)."""
 
     def make(dim: int) -> nn.Module:
         hidden = int(dim * mlp_ratio)
         if not moe:
             return DenseMLP(dim, hidden)
         if compute_matched:
-            hidden = max(1, round(hidden / num_experts))
+            hidden = max(1, round(hidden / (matched_experts or num_experts)))
         return MoEMLP(dim, hidden, num_experts, routing=routing, gate_modality=gate_modality, closed=closed)
 
     return make

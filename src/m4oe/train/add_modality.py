@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..bundle import load_bundle
+from ..bundle import check_segmentation_bundle, load_bundle
 from ..config import ExperimentConfig
 from ..data.loader import SliceCache
 from ..files import write_json
 from ..model.base import SegmentationModel
 from ..model.moe import MoEMLP
 from ..model.presets import build_model
-from .common import ensure_cache, experiment_datasets, sampling_weights, write_run_config
+from .common import check_run_folders, ensure_cache, experiment_datasets, sampling_weights, write_run_config
 from .finetune import SegmentationTask
 from .loop import History, fit, setup_runtime
 from .pretrain import batch_mask, pretrain_mask
@@ -55,6 +55,9 @@ def grow_model(
     if clash:
         raise ValueError(f"datasets {clash} are already in the model; give the new data other names")
     config = old.config
+    if config.compute_matched and not config.matched_experts:
+        # the old experts keep their width (hidden mlp_ratio * C / E_old), whatever the new count
+        config = config.replace(matched_experts=len(old.modalities))
     if close_to_old:
         new_expert = len(old.modalities)
         config = config.replace(closed_experts=(*config.closed_experts, *((m, new_expert) for m in range(new_expert))))
@@ -184,8 +187,10 @@ def run_add_modality(
     if mode not in ("freeze_old", "full"):
         raise ValueError(f"mode must be freeze_old or full, got {mode!r}")
     out = Path(out)
+    check_run_folders(experiment, cache_dir, [out], resume=False)
     runtime = setup_runtime(device)
     old = load_bundle(bundle)
+    check_segmentation_bundle(old, bundle)
     cache = ensure_cache(experiment, cache_dir, runtime, progress, img_size=old.config.img_size)
     in_config = experiment_datasets(experiment, cache)
     new_datasets = [d for d in in_config if d not in old.label_sets]
@@ -210,7 +215,7 @@ def run_add_modality(
     no_decay = freeze_old(model, len(old.class_names), len(old.modalities))[0] if mode == "freeze_old" else []
     routing = config.routing or model.config.routing
     task = AddModalityTask(model, cache, routing, config.ce_weight, config.dice_weight, runtime.device,
-                           no_decay=no_decay)  # fmt: skip
+                           dice=config.dice, no_decay=no_decay)  # fmt: skip
     task.extra_datasets = {k: v for k, v in old.bundle_extra.get("datasets", {}).items() if k in old.label_sets}
     if mode == "freeze_old":  # the old experts, gates and classes are frozen: their choice still holds
         old_choice = old.bundle_extra.get("postprocessing", {}).get("keep_largest", {})

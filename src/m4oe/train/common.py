@@ -11,15 +11,74 @@ import yaml
 
 from ..config import ConfigError, DatasetConfig, ExperimentConfig, experiment_to_dict
 from ..data.loader import SliceCache
-from ..files import write_text
+from ..files import check_output_dir, mark_output_dir, write_text
 from ..model.base import SegmentationModel
 from ..model.presets import create_model, preset_config
-from .loop import Runtime, _barrier
+from .loop import STATE_FILE, RunExists, Runtime, _barrier
 
 
 def default_cache_dir(experiment: ExperimentConfig) -> Path:
     stem = Path(experiment.source).stem if experiment.source else "experiment"
     return Path("cache") / stem
+
+
+def check_run_folders(experiment: ExperimentConfig, cache_dir: Path | None, outs: list[Path], resume: bool) -> None:
+    """Everything about a run's folders that can be refused, refused before anything is written: the
+    cache must be new, empty or m4oe's own cache, each run folder new, empty or m4oe's own run, none
+    of them a dataset (or inside one, or holding one); a run folder that holds a run needs ``resume``,
+    and ``resume`` needs a checkpoint."""
+    datasets = [d.path for d in experiment.datasets]
+    cache = Path(cache_dir or default_cache_dir(experiment))
+    check_output_dir(cache, "cache", datasets, option="--cache")
+    for out in outs:
+        check_output_dir(out, "run", [*datasets, cache])
+        if not resume and (out / "last").exists():
+            raise RunExists(
+                f"{out} already holds a run (its last/ checkpoint): pass --resume to continue it, or choose another -o"
+            )
+        if resume and not (out / "last" / STATE_FILE).is_file():
+            raise RunExists(f"{out}: no checkpoint to resume from ({out / 'last' / STATE_FILE}); leave out --resume")
+
+
+def check_resume(out: Path, model: SegmentationModel, extra: dict[str, Any], config) -> None:
+    """Refuse to resume ``out`` when anything that gives its weights their meaning changed: the phase,
+    the model, the input size, the modalities (expert order), the datasets and their label sets,
+    modality, normalisation, label values, flip and field of view, or the batch, seed and epoch size
+    the checkpoint's position counts in. Names the first settings that differ."""
+    import torch
+
+    from ..bundle import read_bundle_config
+    from ..config import ModelConfig
+
+    saved = read_bundle_config(out / "last")
+    before = saved.get("extra", {})
+    changes: list[str] = []
+
+    def compare(name: str, old: Any, new: Any) -> None:
+        if json.dumps(old, sort_keys=True, default=list) != json.dumps(new, sort_keys=True, default=list):
+            changes.append(f"{name} {old!r} -> {new!r}")
+
+    compare("phase", before.get("phase"), extra.get("phase"))
+    old_model = ModelConfig.from_dict(saved["model_config"]).to_dict()
+    for key, value in model.config.to_dict().items():
+        compare(f"model.{key}", old_model.get(key), value)
+    compare("modalities", saved["modalities"], model.modalities)
+    compare("label sets", saved["label_sets"], model.label_sets)
+    compare("img_size of the cache", before.get("img_size"), extra.get("img_size"))
+    old_datasets, new_datasets = before.get("datasets", {}), extra.get("datasets", {})
+    for name in sorted(set(old_datasets) | set(new_datasets)):
+        old, new = old_datasets.get(name, {}), new_datasets.get(name, {})
+        for key in sorted(set(old) | set(new)):
+            compare(f"dataset {name} {key}", old.get(key), new.get(key))
+    state = torch.load(out / "last" / STATE_FILE, map_location="cpu", weights_only=True)
+    for key in ("batch_size", "seed", "samples_per_epoch"):
+        compare(f"train.{key}", state["config"].get(key), getattr(config, key))
+    if changes:
+        more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
+        raise RunExists(
+            f"cannot resume {out}: {'; '.join(changes[:3])}{more} changed since its checkpoint; resume with the "
+            "run's own settings (its config.yaml), or start a new run in another -o"
+        )
 
 
 def ensure_cache(
@@ -35,10 +94,11 @@ def ensure_cache(
     """
     from ..data.prepare import prepare
 
+    option = "--cache" if cache_dir else "default --cache"
     cache_dir = Path(cache_dir or default_cache_dir(experiment))
     img_size = img_size or preset_config(experiment.preset, **experiment.model_overrides).img_size
     if runtime.main and not _reuse_as_is(experiment, cache_dir):
-        result = prepare(experiment, cache_dir, img_size=img_size, progress=progress)
+        result = prepare(experiment, cache_dir, img_size=img_size, progress=progress, output_option=option)
         for warning in result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     _barrier(runtime)
@@ -145,7 +205,7 @@ def inference_metadata(
 
 def write_run_config(out: Path, experiment: ExperimentConfig, extra: dict[str, Any]) -> None:
     """The resolved config of a run, next to its results: ``m4oe train RUN/config.yaml`` reruns it
-    (``run:`` records the phase, cache and the like, and is ignored when read)."""
-    out.mkdir(parents=True, exist_ok=True)
+    (``run:`` records the phase, cache and the like, and is ignored when read). Marks ``out`` as a run."""
+    mark_output_dir(out, "run")
     resolved = {**experiment_to_dict(experiment), "run": extra}
     write_text(out / "config.yaml", yaml.safe_dump(json.loads(json.dumps(resolved, default=list)), sort_keys=False))

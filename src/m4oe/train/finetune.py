@@ -9,13 +9,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..bundle import load_bundle
+from ..bundle import BundleError, load_bundle
 from ..config import ExperimentConfig
+from ..data.datasets import DataError
 from ..data.loader import SliceCache
-from ..files import write_json
+from ..files import mark_output_dir, write_json
 from ..model.base import SegmentationModel
 from ..model.mae import load_pretrained
 from .common import (
+    check_resume,
+    check_run_folders,
     ensure_cache,
     experiment_datasets,
     inference_metadata,
@@ -112,8 +115,13 @@ def run_train(
     progress: bool = True,
     stop_at_step: int | None = None,
 ) -> dict[str, History]:
-    """Train the config's model (or one model per modality) and return the history of each run."""
+    """Train the config's model (or one model per modality) and return the history of each run.
+
+    Every check (the folders, ``init``, a resume's settings) is made before anything is written to
+    ``out``; the cache may be prepared first.
+    """
     out = Path(out)
+    check_run_folders(experiment, cache_dir, [out], resume)
     runtime = setup_runtime(device)
     cache = ensure_cache(experiment, cache_dir, runtime, progress)
     config = experiment.training
@@ -123,45 +131,81 @@ def run_train(
         groups = {m: [n for n in names if modality[n] == m] for m in dict.fromkeys(modality[n] for n in names)}
     else:
         groups = {"": names}
+    check_trainable(cache, names)
+    runs = {modality or "all": (out / modality if modality else out, datasets) for modality, datasets in groups.items()}
+    check_run_folders(experiment, cache_dir, [run_out for run_out, _ in runs.values()], resume)
+    pretrained = _pretrained(init) if init is not None and not resume else None
+    tasks = {name: _task(experiment, cache, datasets, runtime, pretrained) for name, (_, datasets) in runs.items()}
+    if resume:
+        for name, (run_out, _) in runs.items():
+            check_resume(run_out, tasks[name][0].model, tasks[name][0].bundle_extra(), config)
+    if runtime.main and len(runs) > 1:
+        mark_output_dir(out, "run")  # the folder of the per-modality runs
     histories = {}
-    for modality, datasets in groups.items():
-        run_out = out / modality if modality else out
-        histories[modality or "all"] = _train_one(
-            experiment, cache, datasets, run_out, runtime, init, resume, progress, stop_at_step
+    for name, (run_out, datasets) in runs.items():
+        task, report = tasks[name]
+        if runtime.main:
+            write_run_config(run_out, experiment, {"phase": "train", "cache": str(cache.path),
+                                                   "datasets_in_run": datasets,
+                                                   "init": str(init) if init else None})  # fmt: skip
+            if report is not None:
+                counts = {k: len(v) for k, v in report.items()}
+                write_json(run_out / "init_report.json", {"counts": counts, **report})
+        histories[name] = fit(
+            task,
+            cache,
+            config,
+            run_out,
+            runtime,
+            epochs=config.epochs,
+            lr=config.lr,
+            sampler_mask=cache.slice_mask("train") & cache.dataset_mask(datasets) & cache.index["labeled"],
+            dataset_weights=sampling_weights(experiment, cache),
+            resume=resume,
+            progress=progress,
+            stop_at_step=stop_at_step,
         )
     return histories
 
 
-def _train_one(experiment, cache, datasets, out: Path, runtime: Runtime, init, resume, progress, stop_at_step):
+def check_trainable(cache: SliceCache, datasets: list[str]) -> None:
+    """Refuse, naming the cause, a run in which a dataset has nothing to learn from: no labels
+    (``labels: none``), no training case (all went to validation), or label maps that are all
+    background."""
+    problems = []
+    train = cache.slice_mask("train")
+    for name in datasets:
+        own = cache.dataset_mask([name])
+        cases = sum(1 for c in cache.meta["cases"] if c["dataset"] == name)
+        if not cache.index["labeled"][own].any():
+            problems.append(f"{name}: has no labels (labels: none): it can be pre-trained on, not trained on")
+        elif not (train & own).any():
+            problems.append(
+                f"{name}: all its {cases} case(s) are validation cases of its split, none is left to train on; "
+                "give it more cases, or name its validation cases in split.val"
+            )
+        elif not (cache.index["foreground"][own] > 0).any():
+            problems.append(f"{name}: every label map is empty (background only); check its labelsTr")
+    if problems:
+        raise DataError(problems, "nothing to train on")
+
+
+def _pretrained(init: str | Path) -> SegmentationModel:
+    """The phase-1 model of the pretrain run ``init`` (its ``last`` bundle)."""
+    folder = Path(init)
+    if not (folder / "last").is_dir():
+        raise BundleError(f"--init {folder}: not a pretrain run folder (it has no last/ bundle)")
+    return load_bundle(folder / "last")
+
+
+def _task(experiment, cache, datasets, runtime: Runtime, pretrained):
+    """The segmentation task of one run (and the report of what ``pretrained`` gave its model)."""
     config = experiment.training
     torch.manual_seed(config.seed)
     model = model_for(experiment, cache, datasets)
     routing = config.routing or model.config.routing
-    report = None
-    if init is not None and not resume:
-        pretrained = load_bundle(Path(init) / "last")
-        report = load_pretrained(model, pretrained)
+    report = load_pretrained(model, pretrained) if pretrained is not None else None
     task = SegmentationTask(
         model, cache, routing, config.ce_weight, config.dice_weight, runtime.device, dice=config.dice
     )
-    if runtime.main:
-        write_run_config(out, experiment, {"phase": "train", "cache": str(cache.path), "datasets_in_run": datasets,
-                                           "init": str(init) if init else None})  # fmt: skip
-        if report is not None:
-            counts = {k: len(v) for k, v in report.items()}
-            write_json(out / "init_report.json", {"counts": counts, **report})
-    in_run = cache.dataset_mask(datasets)
-    return fit(
-        task,
-        cache,
-        config,
-        out,
-        runtime,
-        epochs=config.epochs,
-        lr=config.lr,
-        sampler_mask=cache.slice_mask("train") & in_run & cache.index["labeled"],
-        dataset_weights=sampling_weights(experiment, cache),
-        resume=resume,
-        progress=progress,
-        stop_at_step=stop_at_step,
-    )
+    return task, report

@@ -227,7 +227,7 @@ def _save_checkpoint(out: Path, name: str, task: Task, state: dict[str, Any] | N
     save_bundle(task.model, tmp, extra=task.bundle_extra())
     if state is not None:
         torch.save(state, tmp / STATE_FILE)
-    replace_dir(tmp, target)
+    replace_dir(tmp, target, "bundle")
 
 
 def load_train_state(run: Path) -> dict[str, Any]:

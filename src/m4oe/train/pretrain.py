@@ -14,6 +14,8 @@ from ..data.loader import SliceCache
 from ..model.base import SegmentationModel
 from ..model.mae import MAEPretrainer
 from .common import (
+    check_resume,
+    check_run_folders,
     ensure_cache,
     experiment_datasets,
     inference_metadata,
@@ -67,12 +69,15 @@ def run_pretrain(
     stop_at_step: int | None = None,
 ) -> History:
     out = Path(out)
+    check_run_folders(experiment, cache_dir, [out], resume)
     runtime = setup_runtime(device)
     cache = ensure_cache(experiment, cache_dir, runtime, progress)
     config = experiment.training
     torch.manual_seed(config.seed)
     model = model_for(experiment, cache, experiment_datasets(experiment, cache))
     task = PretrainTask(model, cache, config.mask_ratio, config.norm_pix_loss)
+    if resume:
+        check_resume(out, model, task.bundle_extra(), config)
     if runtime.main:
         write_run_config(out, experiment, {"phase": "pretrain", "cache": str(cache.path)})
     return fit(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import save_figure, write_csv, write_text
+from ..files import check_output_dir, mark_output_dir, save_figure, write_csv, write_text
 from ..infer.predict import Predictor
 from ..model.head import class_argmax
 
@@ -62,6 +62,7 @@ def render_experts(predictor: Predictor, image: Path, out_dir: Path, dataset: st
 
     from ..data.io import read_volume
 
+    out_dir = check_output_dir(out_dir, "experts")
     model = predictor.model
     volume = read_volume(image)
     gates, slices, preds = gate_maps(predictor, volume, dataset, modality)
@@ -96,7 +97,7 @@ def render_experts(predictor: Predictor, image: Path, out_dir: Path, dataset: st
     fig.legend(handles, [f"expert {m}" for m in experts], loc="upper right")
     fig.suptitle(f"{Path(image).name}: favoured expert per token (opacity: gate weight)")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(out_dir, "experts")
     save_figure(fig, out_dir / "experts.png", dpi=80)
     plt.close(fig)
     _write_table(table, experts, out_dir)

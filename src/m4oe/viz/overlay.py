@@ -85,6 +85,8 @@ def overlay_files(image: Path, out: Path, gt: Path | None = None, pred: Path | N
     """Read an image and its label maps (any of them optional) and render the overlay."""
     from ..data.io import read_label_map, read_volume
 
+    if Path(out).suffix.lower() != ".png":
+        raise ValueError(f"-o {out}: give a file name ending in .png")
     volume = read_volume(image)
     labels = {}
     declared = None if label_names is None else {0, *label_names}
@@ -93,5 +95,9 @@ def overlay_files(image: Path, out: Path, gt: Path | None = None, pred: Path | N
             label = read_label_map(path, declared)
             if label.array.shape != volume.array.shape:
                 raise ValueError(f"{path}: shape {label.array.shape} does not match image {image} {volume.array.shape}")
+            # the same tolerance as evaluate: a label map placed elsewhere would be drawn on the wrong anatomy
+            mismatch = volume.geometry.mismatch(label.geometry, tol=1e-3)
+            if mismatch:
+                raise ValueError(f"{path}: geometry differs from image {image}: {mismatch}")
             labels[name] = label.array.astype(np.int64)
     return render_overlay(volume.array, volume.spacing_zyx, labels, out, Path(image).name, label_names)
