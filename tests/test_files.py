@@ -62,6 +62,6 @@ def test_replace_dir_never_replaces_a_folder_that_is_not_its_own_kind(tmp_path):
     with pytest.raises(OutputError, match="holds files m4oe did not write"):
         replace_dir(tmp_path / "new", tmp_path / "target", "cache")
     mark_output_dir(tmp_path / "run", "run")
-    with pytest.raises(OutputError, match="holds m4oe's run, not a cache"):
+    with pytest.raises(OutputError, match="is m4oe's run folder, not a cache folder"):
         replace_dir(tmp_path / "new", tmp_path / "run", "cache")
     assert (tmp_path / "target" / "thesis.md").read_text() == "mine" and (tmp_path / "run" / MARKER).is_file()

@@ -91,11 +91,11 @@ def test_m4oe_folders_of_another_kind_are_refused_and_its_own_reused(tmp_path):
     data = make_dataset(tmp_path / "ds", n=3)
     run_train(_experiment(data), tmp_path / "run", tmp_path / "cache", progress=False)
     assert folder_kind(tmp_path / "run") == "run" and folder_kind(tmp_path / "cache") == "cache"
-    with pytest.raises(OutputError, match="holds m4oe's run, not a cache"):
+    with pytest.raises(OutputError, match="is m4oe's run folder, not a cache folder"):
         prepare(_experiment(data), tmp_path / "run", progress=False)
-    with pytest.raises(OutputError, match="holds m4oe's cache, not a run"):
+    with pytest.raises(OutputError, match="is m4oe's cache folder, not a run folder"):
         run_train(_experiment(data), tmp_path / "cache", tmp_path / "cache2", progress=False)
-    with pytest.raises(OutputError, match="holds m4oe's cache, not a predictions"):
+    with pytest.raises(OutputError, match="is m4oe's cache folder, not a predictions folder"):
         check_output_dir(tmp_path / "cache", "predictions")
     # its own cache is rebuilt in place; one written before the marker existed is still recognised
     prepare(_experiment(data), tmp_path / "cache", progress=False, force=True)
@@ -396,8 +396,8 @@ def test_add_modality_grows_compute_matched_models_twice_keeping_old_outputs():
     from m4oe.train.add_modality import grow_model
 
     torch.manual_seed(0)
-    old = create_model("m4oe-convnext-s", modalities=["CT", "MRI"], label_sets={"a": ["background", "liver"]},
-                       img_size=64)  # fmt: skip
+    old = create_model("m4oe-convnext-s", modalities=["MRI", "CT"], label_sets={"a": ["background", "liver"]},
+                       img_size=64, depths=(0, 1, 1, 1))  # the demo's model  # fmt: skip
     once = grow_model(old, "cineMRI", {"b": ["background", "heart"]}, close_to_old=True)  # used to raise
     twice = grow_model(once, "PET", {"c": ["background", "tumour"]}, close_to_old=True)
     image, dataset = torch.randn(2, 1, 64, 64), torch.zeros(2, dtype=torch.long)

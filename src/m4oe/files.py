@@ -160,7 +160,7 @@ def check_output_dir(
     if found == kind:
         return path
     if found is not None:
-        raise OutputError(f"{where}: holds m4oe's {found}, not a {kind}; give a new or empty folder")
+        raise OutputError(f"{where}: is m4oe's {found} folder, not a {kind} folder; give a new or empty folder")
     sample = sorted(p.name for p in path.iterdir())[:3]
     raise OutputError(
         f"{where}: holds files m4oe did not write ({', '.join(sample)}{', ...' if len(sample) == 3 else ''}); "

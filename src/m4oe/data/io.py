@@ -64,7 +64,7 @@ class Geometry:
             a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             scale = 1.0 if name == "direction" else max(1.0, float(np.abs(a).max(initial=0.0)))
             if a.shape != b.shape or np.abs(a - b).max(initial=0.0) > tol * scale:
-                return f"{name} {tuple(np.round(a, 5))} vs {tuple(np.round(b, 5))}"
+                return f"{name} {tuple(np.round(a, 5).tolist())} vs {tuple(np.round(b, 5).tolist())}"
         return None
 
 
