@@ -5,47 +5,41 @@ Every variant trains on the same data and validation cases (``experiments/base.y
 validated at ``--points`` evenly spaced points (a learning curve). It prints and writes, per variant
 and seed: Dice per dataset at each point, wall time and slices/s (``learning.json``, ``learning.md``).
 
-A variant is ``NAME=PRESET[,key=value,...]``; keys of the ``train:`` section (lr, optimizer, dice,
-batch_size, baseline, ...) go there, ``slices`` replaces ``--slices`` for that variant (one model per
-modality at equal total slices: ``slices`` = budget / modalities), any other key is a model
-override. Examples::
+A variant is a name followed by ``m4oe train --set`` words (``model.preset=convnext-unet-s``,
+``train.lr=0.01``, ``datasets.ACDC.fov=0.8``), in one quoted argument; ``slices=N`` replaces
+``--slices`` for that variant (one model per modality at equal total slices: ``slices`` = budget /
+modalities). ``--set`` words apply to every variant, before the variant's own. Examples::
 
     python benchmarks/learning.py --cache cache/base128 --slices 14400 --points 4 --seeds 0 1 \\
-        --variant m4oe=m4oe-convnext-s --variant dense=convnext-unet-s \\
-        --variant per_modality=convnext-unet-s,baseline=per_modality,slices=4800 --out runs/learning
+        --variant "m4oe model.preset=m4oe-convnext-s" --variant "dense model.preset=convnext-unet-s" \\
+        --variant "per_modality model.preset=convnext-unet-s train.baseline=per_modality slices=4800" \\
+        --out runs/learning
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 
 import yaml
 
-from m4oe.config import TrainConfig, parse_experiment
+from m4oe.config import ConfigError, apply_overrides, parse_experiment
 from m4oe.train.finetune import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def parse_variant(text: str) -> tuple[str, str, dict, dict]:
-    """``NAME=PRESET[,key=value...]`` -> (name, preset, model overrides, train settings)."""
-    name, _, spec = text.partition("=")
-    preset, *pairs = re.split(r",(?![^\[]*\])", spec)  # commas inside [..] belong to a list value
-    if not name or not preset:
-        raise SystemExit(f"--variant {text!r}: expected NAME=PRESET[,key=value,...]")
-    model, train = {}, {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
-        value = yaml.safe_load(raw)
-        (train if key in TRAIN_KEYS or key == "slices" else model)[key] = value
-    return name, preset, model, train
+def parse_variant(text: str) -> tuple[str, list[str], int | None]:
+    """``NAME WORD ...`` -> (name, its ``--set`` words, its ``slices=N`` or None)."""
+    name, *words = text.split()
+    if not name or "=" in name:
+        raise SystemExit(f"--variant {text!r}: expected NAME followed by SECTION.KEY=VALUE words")
+    budget = [w for w in words if w.startswith("slices=")]
+    slices = int(budget[-1].removeprefix("slices=")) if budget else None
+    return name, [w for w in words if not w.startswith("slices=")], slices
 
 
 def curve(run: Path) -> list[dict]:
@@ -77,23 +71,28 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=4, help="validations along training")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--datasets", nargs="*", help="restrict to these dataset names")
-    parser.add_argument("--train", default="", help="train settings shared by every variant, key=value,...")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                        help="m4oe train --set words shared by every variant, e.g. train.lr=0.01")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     base = yaml.safe_load(args.config.read_text())
     if args.datasets:
         base["datasets"] = [d for d in base["datasets"] if d.get("name") in args.datasets]
-    shared = parse_variant(f"shared=x,{args.train}")[3] if args.train else {}
     results = []
     for text in args.variant:
-        name, preset, model, train = parse_variant(text)
-        slices = train.pop("slices", args.slices)
+        name, words, slices = parse_variant(text)
+        slices = slices or args.slices
         for seed in args.seeds:
-            settings = {**base.get("train", {}), "workers": 2, **shared, **train, "seed": seed}
-            settings.update(epochs=args.points, samples_per_epoch=slices // args.points, val_every=1)
-            values = {**base, "model": {"preset": preset, **model}, "train": settings}
-            experiment = parse_experiment(values, base_dir=args.config.parent, source=f"{name} seed {seed}")
+            budget = [f"train.seed={seed}", f"train.epochs={args.points}",
+                      f"train.samples_per_epoch={slices // args.points}", "train.val_every=1"]  # fmt: skip
+            try:
+                values = apply_overrides({**base, "train": {**base.get("train", {}), "workers": 2}},
+                                         [*args.set, *words, *budget])  # fmt: skip
+                experiment = parse_experiment(values, base_dir=args.config.parent, source=f"{name} seed {seed}")
+            except ConfigError as err:
+                raise SystemExit(f"--variant {text!r}: {err}") from None
+            preset, model, train = experiment.preset, experiment.model_overrides, [*args.set, *words]
             out = args.out / f"{name}_seed{seed}"
             started = time.perf_counter()
             run_train(experiment, out, cache_dir=args.cache, progress=False)

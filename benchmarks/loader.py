@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from m4oe.data.augment import AugmentConfig, augment_batch
+from m4oe.data.cache_format import synthetic_cache
 from m4oe.data.loader import BalancedBatchSampler, SliceCache, make_loader
 
 
@@ -38,33 +38,6 @@ def measure(cache: SliceCache, batch: int, workers: int, batches: int, augment: 
     if device == "cuda":
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - started)
-
-
-def synthetic_cache(path: Path, slices: int, size: int = 224, datasets: int = 3) -> Path:
-    """A cache of random slices in the format `m4oe prepare` writes (for machines without the data)."""
-    rng = np.random.default_rng(0)
-    path.mkdir(parents=True, exist_ok=True)
-    images = np.lib.format.open_memmap(path / "images.npy", "w+", np.float16, (slices, size, size))
-    labels = np.lib.format.open_memmap(path / "labels.npy", "w+", np.uint8, (slices, size, size))
-    for start in range(0, slices, 256):
-        n = min(256, slices - start)
-        images[start : start + n] = rng.standard_normal((n, size, size), dtype=np.float32)
-        labels[start : start + n] = rng.integers(0, 4, (n, size, size), dtype=np.uint8)
-    images.flush()
-    labels.flush()
-    dataset = np.arange(slices) % datasets
-    np.savez(path / "index.npz", dataset=dataset.astype(np.int16), modality=dataset.astype(np.int16),
-             labeled=np.ones(slices, bool), case=(np.arange(slices) // 50).astype(np.int32),
-             z=(np.arange(slices) % 50).astype(np.int32), foreground=rng.random(slices).astype(np.float32),
-             scale=np.ones(slices, np.float32), offset=np.zeros(slices, np.float32))  # fmt: skip
-    meta = {"complete": True, "num_slices": slices, "img_size": size, "storage": "float16",
-            "modalities": [f"m{d}" for d in range(datasets)], "class_names": ["background", "a", "b", "c"],
-            "label_sets": {f"d{d}": ["background", "a", "b", "c"] for d in range(datasets)},
-            "datasets": [{"name": f"d{d}", "weight": 1.0, "modality": f"m{d}", "normalization": {"scheme": "none"},
-                          "label_values": {"background": 0, "a": 1, "b": 2, "c": 3}} for d in range(datasets)],
-            "cases": []}  # fmt: skip
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
 
 
 def main() -> None:

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
-from loader import synthetic_cache  # benchmarks/loader.py
 
 from m4oe import create_model
-from m4oe.config import TrainConfig
+from m4oe.config import ConfigError, TrainConfig, apply_overrides
+from m4oe.data.cache_format import synthetic_cache
 from m4oe.data.loader import SliceCache
 from m4oe.train.finetune import SegmentationTask
 from m4oe.train.loop import fit, setup_runtime
@@ -43,16 +42,19 @@ def main() -> None:
         "--set",
         nargs="*",
         default=[],
-        metavar="FIELD=VALUE",
-        help="model config overrides, YAML values (e.g. depths=[1,1,2,2,2])",
+        metavar="model.KEY=VALUE",
+        help="model config overrides as m4oe train --set words (e.g. model.depths=[1,1,2,2,2])",
     )
     args = parser.parse_args()
     runtime = setup_runtime(args.device)
     overrides = {"img_size": args.img_size} if args.img_size else {}
-    for item in args.set:
-        field, _, value = item.partition("=")
-        value = yaml.safe_load(value)
-        overrides[field] = tuple(value) if isinstance(value, list) else value
+    try:
+        values = apply_overrides({}, args.set)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+    if set(values) - {"model"}:
+        raise SystemExit(f"--set: only model.KEY=VALUE words apply here, got sections {sorted(values)}")
+    overrides.update({k: tuple(v) if isinstance(v, list) else v for k, v in values.get("model", {}).items()})
     work = Path(tempfile.mkdtemp())
     probe = create_model(args.preset, modalities=["m0"], label_sets={"d0": ["background", "a"]}, **overrides)
     size = probe.config.img_size

@@ -9,9 +9,9 @@ slices/s, a 2-core Xeon with AMX at 18-24), so the script first measures this ma
 run of each phase (under a minute, counted in the budget) and sets the phase-2 slices to fit
 ``--minutes`` (default 60), unless ``--slices`` is given.
 
-Phase 1 (MAE pre-training of each modality's expert) and phase 2 (gated fine-tuning) run on the
-data and validation cases of ``experiments/base.yaml``, with the ``m4oe-convnext-s`` preset plus one
-full-resolution convolution unit on each side (``full_res_convs: 1``) at the input size of the cache.
+Phase 1 (MAE pre-training of each modality's expert) and phase 2 (gated fine-tuning) run the recipe
+of ``configs/cpu_reference.yaml`` (data, validation cases, model and training settings); ``--set
+SECTION.KEY=VALUE`` changes any of it, as it does for ``m4oe train``.
 The script writes, under ``--out``:
 
 * ``pretrain/`` and ``train/`` (runs as ``m4oe pretrain`` / ``m4oe train`` write them; ``train/last``
@@ -33,65 +33,44 @@ from pathlib import Path
 
 import yaml
 
-from m4oe.config import ConfigError, ModelConfig, TrainConfig, parse_experiment
+from m4oe.config import ConfigError, TrainConfig, apply_overrides, parse_experiment, preset_config
 from m4oe.files import save_figure, write_json, write_text
 from m4oe.train.finetune import run_train
 from m4oe.train.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "experiments" / "base.yaml"
+RECIPE = ROOT / "configs" / "cpu_reference.yaml"
 SYNAPSE = ["aorta", "gallbladder", "right_kidney", "left_kidney", "liver", "pancreas", "spleen", "stomach"]
 
-# one full-resolution conv unit after the stem and before the head: BTCV +0.03 / +0.05 and ACDC +0.01 / +0.02
-# at 28,000 slices in both seeds, for 20 % more time per slice (docs/results.md)
-MODEL = {"preset": "m4oe-convnext-s", "img_size": 128, "full_res_convs": 1}
-FOV = ["ACDC=0.8"]  # the heart fills the middle of ACDC's slices: all 160 shared cases need at most 0.796
-# --weight CHAOS=0.7 ACDC=1.3 (30 % of CHAOS's slices to ACDC) was measured and left out of the default:
-# ACDC +0.017 / -0.002, CHAOS +0.006 / +0.024, BTCV's 8 organs +0.011 / -0.015 in seeds 0 / 1; CHAOS=0.5 ACDC=1.5
-# gave ACDC no more (+0.010, seed 0) and BTCV's 8 organs -0.010 (docs/results.md)
-# --train augment=false (session 13, seed 0) learnt faster for half the hour, then ended level on ACDC (+0.002)
-# and lower on BTCV (-0.029) and CHAOS (-0.019, below 0.85): augmentation stays on (docs/results.md)
+# Measured and left out of the recipe (docs/decisions.md): --set datasets.CHAOS.weight=0.7 datasets.ACDC.weight=1.3
+# (ACDC +0.017 / -0.002, CHAOS +0.006 / +0.024, BTCV's 8 organs +0.011 / -0.015 in seeds 0 / 1); CHAOS=0.5
+# ACDC=1.5 (ACDC no more, BTCV's 8 organs -0.010); train.augment=false (level on ACDC, BTCV -0.029, CHAOS -0.019)
 DEFAULT_MINUTES = 60.0  # the issue's budget: at most an hour of training on 2 cores
 CALIBRATION_STEPS = 60  # training steps of each phase that measure the machine's speed for --minutes
 MARGIN = 0.05  # of --minutes kept back: the speed of these machines drifts by up to 10 % within a day
-# dice batch_present + foreground_sampling class (session 15): nnU-Net's batch Dice over every class, with
-# slices drawn by any foreground, lost the gallbladder for good in hour-long runs (probability 0.000 even on
-# training slices); counting only present or predicted classes and drawing forced slices by class kept it
-# (0.755) and lifted BTCV 0.570 -> 0.703 (docs/results.md)
-TRAIN = {"batch_size": 4, "lr": 3e-3, "warmup_epochs": 0.1, "dice": "batch_present", "foreground_sampling": "class",
-         "pretrain_lr": 1e-3, "workers": 2}  # fmt: skip
 
 
 def experiment(args: argparse.Namespace):
-    values = yaml.safe_load(BASE.read_text())
+    """The recipe with the budget of ``args`` (phase-2 epochs = validation points) and its ``--set`` words."""
+    values = yaml.safe_load(RECIPE.read_text())
     if args.data:
         for entry in values["datasets"]:
             entry["path"] = str(Path(args.data) / Path(entry["path"]).name)
-    names = [entry["name"] for entry in values["datasets"]]
-    for option, example in (("fov", "ACDC=0.8"), ("weight", "ACDC=1.3")):
-        chosen = dict(_per_dataset(option, item, example) for item in getattr(args, option))
-        unknown = set(chosen) - set(names)
-        if unknown:
-            raise SystemExit(f"--{option}: unknown datasets {sorted(unknown)}; base.yaml has {', '.join(names)}")
-        for entry in values["datasets"]:
-            if entry["name"] in chosen:
-                entry[option] = chosen[entry["name"]]
-    per_epoch = args.slices // args.points
-    values["model"] = {**MODEL, "img_size": args.img_size, **_fields("model", args.model, ModelConfig)}
-    values["train"] = {
-        **TRAIN,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
-        "epochs": args.points,
-        "samples_per_epoch": per_epoch,
-        "val_every": 1,
-        "pretrain_epochs": 1,
-        **_fields("train", args.train, TrainConfig, "augment=false"),
-    }
+    budget = [f"train.seed={args.seed}", f"train.epochs={args.points}",
+              f"train.samples_per_epoch={args.slices // args.points}"]  # fmt: skip
     try:
-        return parse_experiment(values, base_dir=BASE.parent, source=str(BASE))
+        return parse_experiment(apply_overrides(values, [*budget, *args.set]), base_dir=RECIPE.parent,
+                                source=str(RECIPE))  # fmt: skip
     except ConfigError as error:  # a value out of range (a weight of 0, a field of view above 1): one line
+        raise SystemExit(str(error)) from None
+
+
+def batch_size(args: argparse.Namespace) -> int:
+    """Phase 2's batch size: the recipe's, or what ``--set train.batch_size=`` makes it."""
+    try:
+        values = apply_overrides(yaml.safe_load(RECIPE.read_text()), args.set)
+        return TrainConfig.from_dict(values.get("train", {})).batch_size
+    except ConfigError as error:
         raise SystemExit(str(error)) from None
 
 
@@ -105,7 +84,7 @@ def calibrate(args: argparse.Namespace, cache: Path) -> dict:
     slices/s of phase 1 and 2 training steps, and the seconds each phase spends besides its steps
     (building the model, loading phase 1's weights, one validation, writing bundles). Phase 2 runs
     two epochs and is timed on the second: its first steps (memory, kernel set-up) are slower."""
-    slices = args.batch_size * CALIBRATION_STEPS
+    slices = batch_size(args) * CALIBRATION_STEPS
     probe = experiment(argparse.Namespace(**{**vars(args), "slices": 2 * slices, "points": 2}))
     probe = dataclasses.replace(probe, train={**probe.train, "val_every": 2})
     folder = args.out / "calibration"
@@ -147,9 +126,9 @@ def resolve_budget(args: argparse.Namespace) -> None:
     """``--slices N`` trains N phase-2 slices; otherwise they are fitted to ``--minutes`` (default an hour)."""
     if args.slices is not None and args.minutes is not None:
         raise SystemExit("--slices and --minutes: give one of them (--minutes fits the slices to the time)")
-    if args.slices is not None and args.slices < args.points * args.batch_size:
+    if args.slices is not None and args.slices < args.points * batch_size(args):
         raise SystemExit(f"--slices {args.slices}: give at least one batch per validation point "
-                         f"({args.points} x {args.batch_size})")  # fmt: skip
+                         f"({args.points} x {batch_size(args)})")  # fmt: skip
     if args.minutes is not None and args.minutes <= 0:
         raise SystemExit(f"--minutes {args.minutes:g}: give a positive number of minutes, for example 60")
     if args.slices is None and args.minutes is None:
@@ -162,29 +141,6 @@ def command(args: argparse.Namespace) -> str:
         if value is not None and value != []:
             words.append(f"--{key.replace('_', '-')} " + (" ".join(value) if isinstance(value, list) else str(value)))
     return "python experiments/cpu_reference.py " + " ".join(words)
-
-
-def _per_dataset(option: str, item: str, example: str) -> tuple[str, float]:
-    name, _, value = item.partition("=")
-    try:
-        return name, float(value)
-    except ValueError:
-        raise SystemExit(f"--{option} {item!r}: give NAME=NUMBER, for example {example}") from None
-
-
-def _fields(option: str, items: list[str], config: type, example: str = "full_res_convs=1") -> dict:
-    """``--model`` / ``--train`` FIELD=VALUE words as a dict of YAML values, each FIELD one of ``config``'s."""
-    known = {f.name for f in dataclasses.fields(config)} | ({"preset"} if config is ModelConfig else set())
-    values = {}
-    for item in items:
-        field, _, value = item.partition("=")
-        if not value:
-            raise SystemExit(f"--{option} {item!r}: give FIELD=VALUE, for example {example}")
-        if field not in known:
-            fields = ", ".join(sorted(known))
-            raise SystemExit(f"--{option} {item!r}: unknown field {field!r}; {config.__name__} has {fields}")
-        values[field] = yaml.safe_load(value)
-    return values
 
 
 def curve(run: Path, slices_per_epoch: int) -> list[dict]:
@@ -295,37 +251,14 @@ def main() -> None:
     )
     parser.add_argument("--points", type=int, default=5, help="validations along phase 2")
     parser.add_argument(
-        "--fov",
-        nargs="*",
-        default=FOV,
-        metavar="NAME=FRACTION",
-        help="central fraction of each in-plane side a dataset's model sees (DatasetConfig.fov)",
-    )
-    parser.add_argument(
-        "--weight",
+        "--set",
         nargs="*",
         default=[],
-        metavar="NAME=WEIGHT",
-        help="relative sampling weight of a dataset (DatasetConfig.weight; default 1, datasets balanced)",
+        metavar="SECTION.KEY=VALUE",
+        help="change the recipe (configs/cpu_reference.yaml) as m4oe train --set does, e.g. train.augment=false "
+        "model.full_res_convs=0 datasets.ACDC.fov=1",
     )
-    parser.add_argument(
-        "--model",
-        nargs="*",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="model config fields over the preset's, as YAML values (e.g. full_res_convs=1)",
-    )
-    parser.add_argument(
-        "--train",
-        nargs="*",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="training config fields over the reference recipe's, as YAML values (e.g. augment=false)",
-    )
-    parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=TRAIN["batch_size"])
-    parser.add_argument("--lr", type=float, default=TRAIN["lr"], help="phase-2 peak learning rate (AdamW)")
     args = parser.parse_args()
 
     resolve_budget(args)
@@ -336,7 +269,7 @@ def main() -> None:
     if args.minutes:
         speed = calibrate(args, cache)
         spent = time.perf_counter() - started
-        args.slices = fit_slices(args.minutes, spent, speed, args.pretrain_slices, args.points, args.batch_size)
+        args.slices = fit_slices(args.minutes, spent, speed, args.pretrain_slices, args.points, batch_size(args))
         print(f"--minutes {args.minutes:g}: {args.slices} phase-2 slices fit on this machine "
               f"({speed['slices_per_s']:.1f} slices/s measured)", flush=True)  # fmt: skip
     exp = experiment(args)
@@ -350,7 +283,8 @@ def main() -> None:
     per_epoch = exp.training.samples_per_epoch
     result = {
         "command": invocation,
-        "img_size": args.img_size, "slices": args.slices, "pretrain_slices": args.pretrain_slices, "calibration": speed,
+        "img_size": preset_config(exp.preset, **exp.model_overrides).img_size,
+        "slices": args.slices, "pretrain_slices": args.pretrain_slices, "calibration": speed,
         "minutes": (finished - started) / 60, "calibration_minutes": (calibrated - started) / 60,
         "pretrain_minutes": (pretrained - calibrated) / 60,
         "train_minutes": (finished - pretrained) / 60, "slices_per_s": args.slices / (finished - pretrained),

@@ -1,4 +1,4 @@
-"""Run the experiments of docs/results.md and print their tables (markdown).
+"""Run the paper-style tables of docs/results.md (section 7) and print their tables (markdown).
 
     python experiments/run_tables.py --table A --cache CACHE_DIR --out runs/tables [--scale gpu|pilot|smoke]
 

@@ -20,6 +20,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # the fast tier (pytest -m "not slow") runs on a plain clone: no real data
+        if "shared_data" in item.keywords:
+            item.add_marker(pytest.mark.slow)
     if HAVE_SHARED_DATA:
         return
     skip = pytest.mark.skip(reason=f"real data not found in {SHARED_DATA} (set M4OE_SHARED_DATA to its folder)")

@@ -16,6 +16,8 @@ from m4oe.train.add_modality import grow_model, run_add_modality
 from .conftest import MICRO
 from .data_helpers import make_dataset
 
+pytestmark = pytest.mark.slow  # the fast tier (pytest -m 'not slow') leaves this file out
+
 OLD_SETS = {"ct": ["background", "liver", "spleen"], "mr": ["background", "liver", "spleen"]}
 NONE = {"scheme": "none"}
 OLD_EXTRA = {"datasets": {name: {"modality": m, "normalization": NONE, "label_values": {"liver": 1, "spleen": 2}}
@@ -143,7 +145,7 @@ def test_grown_bundle_predicts_for_all_datasets(grown):
         result = predictor.predict_volume(volume, dataset)
         assert result.labels.shape == volume_shape
         assert set(np.unique(result.labels)) <= values
-    assert predictor.resolve("heart", None)["classes"] == ["background", "liver", "myocardium"]
+    assert predictor.resolve("heart", None).classes == ["background", "liver", "myocardium"]
     # the old datasets keep their post-processing (frozen), the new one gets its own from validation
     choice = predictor.model.bundle_extra["postprocessing"]["keep_largest"]
     assert choice["ct"] == ["liver"] and choice["mr"] == [] and "heart" in choice

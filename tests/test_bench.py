@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -12,6 +13,8 @@ from m4oe.cli import app
 from m4oe.model import create_model, forward_flops
 from m4oe.model.moe import MoEMLP
 from m4oe.model.swin import WindowAttention
+
+pytestmark = pytest.mark.slow  # the fast tier (pytest -m 'not slow') leaves this file out
 
 
 def test_bench_quick_reports_every_figure(tmp_path):
@@ -125,12 +128,12 @@ def test_learning_benchmark_writes_curves_for_each_variant(tmp_path):
         {"path": str(make_dataset(tmp_path / "mr", n=3, modality="MRI")), "name": "B", "modality": "MRI"},
     ]
     config.write_text(yaml.safe_dump({"split": {"folds": 3}, "datasets": datasets}))
-    micro = "img_size=32,depths=[0,1,1],embed_dim=8"
+    micro = "model.img_size=32 model.depths=[0,1,1] model.embed_dim=8"
     script = Path(__file__).parents[1] / "benchmarks" / "learning.py"
     command = [sys.executable, str(script), "--config", str(config), "--cache", str(tmp_path / "cache"),
-               "--slices", "16", "--points", "2", "--train", "batch_size=4,workers=0",
-               "--variant", f"m4oe=m4oe-convnext-s,{micro}",
-               "--variant", f"per_modality=convnext-unet-s,{micro},baseline=per_modality,slices=8",
+               "--slices", "16", "--points", "2", "--set", "train.batch_size=4", "train.workers=0",
+               "--variant", f"m4oe model.preset=m4oe-convnext-s {micro}",
+               "--variant", f"per_modality model.preset=convnext-unet-s {micro} train.baseline=per_modality slices=8",
                "--out", str(tmp_path / "out")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -13,6 +13,7 @@ from m4oe.bundle import read_bundle_config
 from .conftest import batch
 
 
+@pytest.mark.slow
 def test_round_trip_gives_identical_outputs(micro_model, tmp_path):
     micro_model.eval()
     extra = {"normalization": {"CT": {"mean": 1.5, "std": 2.0}}}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from m4oe.cli import app
@@ -10,6 +11,7 @@ from m4oe.model import create_model, parameter_counts
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_info_json_matches_the_model():
     result = runner.invoke(app, ["info", "--preset", "tiny", "--modalities", "CT,MRI", "--num-classes", "5", "--json"])
     assert result.exit_code == 0, result.output
@@ -21,6 +23,7 @@ def test_info_json_matches_the_model():
     assert 0 < info["gflops_per_slice_hard_routing"] < info["gflops_per_slice"]
 
 
+@pytest.mark.slow
 def test_info_table_and_bad_preset():
     result = runner.invoke(app, ["info", "--preset", "swin-unet"])
     assert result.exit_code == 0 and "GFLOPs" in result.output
@@ -66,6 +69,7 @@ def _assert_one_line(code: int, output: str, *needles: str) -> None:
         assert needle in output, output
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     config = _config(tmp_path, train={"epochs": 1.5})
     _assert_one_line(*run_main(monkeypatch, capsys, "train", str(config), "-o", str(tmp_path / "r")), "train.epochs")
@@ -83,6 +87,7 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
                                "--cache", str(tmp_path / "c")), "a_file")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_predict_bad_routing_and_debug_traceback(tmp_path, monkeypatch, capsys):
     from m4oe import save_bundle
 

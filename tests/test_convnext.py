@@ -92,6 +92,7 @@ def test_full_resolution_conv_unit_matches_a_shift_and_sum_reference():
     assert_same_gradients(fast, ref, [x, *unit.parameters()])
 
 
+@pytest.mark.slow
 def test_full_res_convs_sit_after_the_stem_and_before_the_head():
     plain, model = micro(), micro(full_res_convs=2)
     assert len(model.patch_embed.units) == 2 and len(model.refine) == 2
@@ -115,6 +116,7 @@ def test_full_res_convs_sit_after_the_stem_and_before_the_head():
     assert not torch.equal(fresh.refine[1].conv.weight, model.refine[1].conv.weight)
 
 
+@pytest.mark.slow
 def test_shapes_gates_and_deep_supervision():
     model = micro()
     image = torch.randn(3, 1, 32, 32)
@@ -127,6 +129,7 @@ def test_shapes_gates_and_deep_supervision():
     assert model(image, torch.tensor([0, 1, 1])).shape == (3, 4, 32, 32)
 
 
+@pytest.mark.slow
 def test_head_masks_each_datasets_classes_and_batches_are_order_free():
     model = micro().eval()
     image = torch.randn(4, 1, 32, 32)
@@ -142,6 +145,7 @@ def test_head_masks_each_datasets_classes_and_batches_are_order_free():
     assert torch.allclose(logits, alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_every_parameter_learns_and_phase1_trains_the_encoder():
     model = micro()
     image = torch.randn(4, 1, 32, 32)
@@ -173,6 +177,7 @@ def test_phase1_weights_load_into_phase2_and_mirror_the_decoder():
     assert report["mirrored"] and not torch.equal(fresh.head.proj.weight, pretrained.head.proj.weight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["m4oe-convnext-s", "convnext-unet-s"])
 def test_bundle_round_trip_of_each_new_preset(preset, tmp_path):
     model = create_model(preset, modalities=["CT", "MRI"], label_sets=LABELS).eval()

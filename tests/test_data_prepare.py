@@ -46,6 +46,7 @@ def cache(tmp_path_factory):
     return out, result, json.loads((out / "meta.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_slice_counts_match_the_volumes(cache):
     out, result, meta = cache
@@ -169,6 +170,7 @@ def test_rerun_is_a_no_op_and_changes_rebuild(cache, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_uint8_storage_and_parallel_workers_agree(cache, tmp_path):
     out, _, meta = cache

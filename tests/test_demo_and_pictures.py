@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from m4oe.cli import app
 from m4oe.viz.overlay import render_overlay
+
+pytestmark = pytest.mark.slow  # the fast tier (pytest -m 'not slow') leaves this file out
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):

@@ -15,6 +15,8 @@ from m4oe.train.loop import History
 
 from .conftest import SHARED_DATA
 
+pytestmark = pytest.mark.slow  # the fast tier (pytest -m 'not slow') leaves this file out
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,50 +51,37 @@ def _cpu_reference():
     return module
 
 
-def test_cpu_reference_sets_each_datasets_field_of_view_and_weight(tmp_path):
+def test_cpu_reference_reads_its_recipe_and_takes_set_words(tmp_path):
     module = _cpu_reference()
-    args = argparse.Namespace(data=tmp_path, fov=["ACDC=0.8", "BTCV=1"], img_size=128, slices=28000, points=5,
-                              pretrain_slices=5600, batch_size=4, lr=3e-3, seed=0, out=tmp_path / "run",
-                              cache=None, model=[], weight=[], train=[])  # fmt: skip
+    args = argparse.Namespace(data=tmp_path, slices=28000, points=5, pretrain_slices=5600, seed=0,
+                              out=tmp_path / "run", cache=None, set=[])  # fmt: skip
     exp = module.experiment(args)
     assert {d.name: d.fov for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 0.8}
     assert {d.name: d.weight for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 1.0}
-    weighted = argparse.Namespace(**{**vars(args), "weight": ["CHAOS=0.7", "ACDC=1.3"]})
-    assert {d.name: d.weight for d in module.experiment(weighted).datasets} == {"BTCV": 1.0, "CHAOS": 0.7, "ACDC": 1.3}
-    assert "--weight CHAOS=0.7 ACDC=1.3" in module.command(weighted)
-    for bad in (["LIDC=2"], ["ACDC=heavy"]):
-        with pytest.raises(SystemExit, match="--weight"):
-            module.experiment(argparse.Namespace(**{**vars(args), "weight": bad}))
-    with pytest.raises(SystemExit, match="weight must be positive"):
-        module.experiment(argparse.Namespace(**{**vars(args), "weight": ["ACDC=0"]}))
-    assert "--model" not in module.command(args) and exp.model["full_res_convs"] == 1
-    assert exp.training.samples_per_epoch == 5600 and exp.training.pretrain_epochs == 1
-    assert "--fov ACDC=0.8 BTCV=1 --img-size 128" in module.command(args)
-    for bad in (["LIDC=0.5"], ["ACDC"]):
-        with pytest.raises(SystemExit, match="--fov"):
-            module.experiment(argparse.Namespace(**{**vars(args), "fov": bad}))
-    wider = argparse.Namespace(**{**vars(args), "model": ["full_res_convs=1", "depths=[0,1,2,2,2]"]})
-    model = module.experiment(wider).model
-    assert model["full_res_convs"] == 1 and list(model["depths"]) == [0, 1, 2, 2, 2]
-    assert "--model full_res_convs=1 depths=[0,1,2,2,2]" in module.command(wider)
-    with pytest.raises(SystemExit, match="--model 'full_res_convs'"):
-        module.experiment(argparse.Namespace(**{**vars(args), "model": ["full_res_convs"]}))
-    assert exp.training.augment is True
-    plain = argparse.Namespace(**{**vars(args), "train": ["augment=false", "foreground_fraction=0.5"]})
-    training = module.experiment(plain).training
-    assert training.augment is False and training.foreground_fraction == 0.5 and training.batch_size == 4
-    assert "--train augment=false foreground_fraction=0.5" in module.command(plain)
-    with pytest.raises(SystemExit, match="--train 'augment'"):
-        module.experiment(argparse.Namespace(**{**vars(args), "train": ["augment"]}))
-    for option, word in (("train", "augmnt=false"), ("model", "full_res_conv=1")):
-        with pytest.raises(SystemExit, match=f"--{option} '{word}': unknown field '{word.split('=')[0]}'"):
-            module.experiment(argparse.Namespace(**{**vars(args), option: [word]}))
+    assert exp.model == {"preset": "m4oe-convnext-s", "img_size": 128, "full_res_convs": 1}
+    training = exp.training
+    assert (training.batch_size, training.lr, training.dice, training.foreground_sampling) == (4, 3e-3,
+                                                                                              "batch_present", "class")
+    assert training.samples_per_epoch == 5600 and training.epochs == 5 and training.pretrain_epochs == 1
+    words = ["datasets.CHAOS.weight=0.7", "datasets.ACDC.weight=1.3", "datasets.BTCV.fov=0.9",
+             "model.depths=[0,1,2,2,2]", "train.augment=false", "train.foreground_fraction=0.5"]  # fmt: skip
+    changed = module.experiment(argparse.Namespace(**{**vars(args), "set": words}))
+    assert {d.name: d.weight for d in changed.datasets} == {"BTCV": 1.0, "CHAOS": 0.7, "ACDC": 1.3}
+    assert {d.name: d.fov for d in changed.datasets} == {"BTCV": 0.9, "CHAOS": 1.0, "ACDC": 0.8}
+    assert list(changed.model["depths"]) == [0, 1, 2, 2, 2] and changed.model["full_res_convs"] == 1
+    assert changed.training.augment is False and changed.training.foreground_fraction == 0.5
+    assert "--set datasets.CHAOS.weight=0.7" in module.command(argparse.Namespace(**{**vars(args), "set": words}))
+    for bad, message in ((["datasets.LIDC.weight=2"], "no dataset named 'LIDC'"), (["train.augment"], "SECTION.KEY"),
+                         (["datasets.ACDC.weight=0"], "weight must be positive"),
+                         (["train.augmnt=false"], r"unknown keys \['augmnt'\]"),
+                         (["model.full_res_conv=1"], r"unknown keys \['full_res_conv'\]")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            module.experiment(argparse.Namespace(**{**vars(args), "set": bad}))
 
 
 def test_cpu_reference_phase1_runs_exactly_its_slices_in_one_epoch(tmp_path):
     module = _cpu_reference()
-    args = argparse.Namespace(data=tmp_path, fov=[], img_size=128, slices=56000, points=7, pretrain_slices=5600,
-                              batch_size=4, lr=3e-3, seed=0, model=[], weight=[], train=[])  # fmt: skip
+    args = argparse.Namespace(data=tmp_path, slices=56000, points=7, pretrain_slices=5600, seed=0, set=[])
     exp = module.experiment(args)
     assert exp.training.samples_per_epoch == 8000 and exp.training.epochs == 7
     first = module.phase1(exp, 5600).training
@@ -129,8 +118,7 @@ def test_cpu_reference_calibration_separates_steps_from_the_rest(tmp_path, monke
     monkeypatch.setattr(module, "run_pretrain", fake_run(4.0))
     # run_train returns a history per model ("all": the one M4oE model); phase 2 is timed on its second epoch
     monkeypatch.setattr(module, "run_train", fake_run(9.0, 7.0, returns=lambda history: {"all": history}))
-    args = argparse.Namespace(data=tmp_path, fov=[], img_size=128, slices=28000, points=5, pretrain_slices=5600,
-                              batch_size=4, lr=3e-3, seed=0, model=[], weight=[], train=[],
+    args = argparse.Namespace(data=tmp_path, slices=28000, points=5, pretrain_slices=5600, seed=0, set=[],
                               out=tmp_path / "run")  # fmt: skip
     speed = module.calibrate(args, tmp_path / "cache")
     slices = 4 * module.CALIBRATION_STEPS
@@ -173,7 +161,7 @@ def test_cpu_reference_budget_is_an_hour_unless_slices_are_given():
     module = _cpu_reference()
 
     def resolved(**given):
-        args = argparse.Namespace(**{"slices": None, "minutes": None, "points": 5, "batch_size": 4, **given})
+        args = argparse.Namespace(**{"slices": None, "minutes": None, "points": 5, "set": [], **given})
         module.resolve_budget(args)
         return args.slices, args.minutes
 

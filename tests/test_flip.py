@@ -12,8 +12,9 @@ import torch
 from m4oe.config import ConfigError, ModelConfig, experiment_to_dict, parse_experiment
 from m4oe.data.io import flip_in_plane, read_volume
 from m4oe.data.prepare import prepare
-from m4oe.infer.predict import Predictor, predict_paths
-from m4oe.model.unet import M4oEUNet
+from m4oe.infer.files import predict_paths
+from m4oe.infer.predict import Predictor
+from m4oe.model.swin_unet import M4oEUNet
 
 from .conftest import MICRO
 from .data_helpers import make_dataset, write_image
@@ -109,7 +110,7 @@ def _three_organs(mirrored: bool) -> np.ndarray:
 
 
 def test_mirrored_datasets_are_reported():
-    from m4oe.data.prepare import mirrored_datasets, organ_positions
+    from m4oe.data.mirrored import mirrored_datasets, organ_positions
 
     vocabulary = ["background", "liver", "kidney", "spleen"]
     labels = np.concatenate([_three_organs(False), _three_organs(True), _three_organs(False)])
@@ -126,6 +127,7 @@ def test_mirrored_datasets_are_reported():
     assert mirrored_datasets(np.where(labels == 3, 0, labels), owner, ["A", "B", "C"], vocabulary) == []
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_prepare_reports_btcv_mirrored_against_chaos_until_flipped(tmp_path):
     from .conftest import SHARED_DATA

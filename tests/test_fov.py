@@ -15,7 +15,7 @@ from m4oe.data.io import read_volume
 from m4oe.data.prepare import prepare
 from m4oe.data.resample import SlicePlan, fit_slices, fov_needed, outside_view, unfit_logits, view_box
 from m4oe.infer.predict import Predictor
-from m4oe.model.unet import M4oEUNet
+from m4oe.model.swin_unet import M4oEUNet
 
 from .conftest import MICRO
 from .data_helpers import make_dataset, phantom, write_image
@@ -162,6 +162,6 @@ def test_a_request_without_its_dataset_is_cut_only_where_the_datasets_agree():
                                        "belly": {**info, "modality": "MRI"},  # before fov existed: 1
                                        "ct": {**info, "modality": "CT", "fov": 0.7}}}  # fmt: skip
     predictor = Predictor(model)
-    assert predictor.resolve("heart", None)["fov"] == 0.5 and predictor.resolve("belly", None)["fov"] == 1.0
-    assert predictor.resolve(None, "MRI")["fov"] == 1.0  # heart and belly disagree: nothing is cut
-    assert predictor.resolve(None, "CT")["fov"] == 0.7
+    assert predictor.resolve("heart", None).fov == 0.5 and predictor.resolve("belly", None).fov == 1.0
+    assert predictor.resolve(None, "MRI").fov == 1.0  # heart and belly disagree: nothing is cut
+    assert predictor.resolve(None, "CT").fov == 0.7

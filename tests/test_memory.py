@@ -5,12 +5,17 @@ import platform
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the fast tier (pytest -m 'not slow') leaves this file out
+
 # A forward's pattern: a few large activations allocated, touched and freed, again and again. Count
 # the page faults of five such rounds after a first one.
 PROBE = """
 import json, resource, sys
 import torch
 from m4oe.memory import keep_freed_memory
+
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 def forward():
     blocks = [torch.empty(n << 20, dtype=torch.uint8) for n in (48, 24, 12)]

@@ -49,6 +49,7 @@ def test_full_size_m4oe_t_at_224():
     assert gates[0].shape == (1, 56 * 56, 2) and gates[7].shape == (1, 7 * 7, 2)
 
 
+@pytest.mark.slow
 def test_other_valid_size_256_window_8():
     model = create_model("tiny", modalities=["CT"], label_sets={"a": ["background", "x"]}, img_size=256, window_size=8)
     assert model(torch.randn(1, 1, 256, 256)).shape == (1, 2, 256, 256)
@@ -150,6 +151,7 @@ def test_routing_override_changes_output(micro_model):
     assert not torch.allclose(soft, hard)
 
 
+@pytest.mark.slow
 def test_compute_matched_preset_is_close_to_dense_size():
     kw = dict(modalities=MODALITIES, label_sets=LABEL_SETS)
     dense = parameter_counts(create_model("swin-unet", **kw))["total"]
@@ -225,3 +227,20 @@ def test_unknown_attention_kernel_is_rejected():
 
     with pytest.raises(ValueError, match="sdpa or explicit"):
         set_attention_kernel("flash3")
+
+
+def test_m4oe_layers_declare_their_expert_and_gate_parameters():
+    """The roles the M4oE layer declares, against the names they used to be found by."""
+    from m4oe import create_model
+
+    for preset in ("tiny", "m4oe-convnext-s"):
+        model = create_model(preset, modalities=["CT", "MRI"], label_sets={"a": ["background", "liver"]},
+                             gate_modality=True, img_size=64 if preset != "tiny" else 128)  # fmt: skip
+        names = [name for name, _ in model.named_parameters()]
+        experts = {n for n in names if n.endswith((".mlp.w1", ".mlp.b1", ".mlp.w2", ".mlp.b2"))}
+        gates = {n for n in names if ".gate." in n or "modality_embed" in n}
+        assert experts and gates
+        assert model.expert_parameter_names() == experts
+        assert model.gate_parameter_names() == gates
+        roles = model.moe_parameter_roles()
+        assert {roles[n] for n in gates} == {"gate_weight", "gate_bias", "modality_embedding"}

@@ -14,7 +14,8 @@ import m4oe.bundle
 from m4oe.cli import app
 from m4oe.data.io import read_volume
 from m4oe.data.postprocess import keep_largest_components
-from m4oe.infer.predict import Predictor, predict_paths
+from m4oe.infer.files import predict_paths
+from m4oe.infer.predict import Predictor
 from m4oe.train.validate import largest_component_dice, summarise
 
 from .data_helpers import write_image
@@ -131,10 +132,10 @@ def test_prediction_applies_the_bundles_choice(tmp_path):
     # switched off, or without --dataset (no dataset's choice applies), the island stays
     predict_paths(Predictor(model, postprocess=False), [path], tmp_path / "off", dataset="phantom", progress=False)
     assert _liver_voxels(tmp_path / "off" / "case.nii.gz")[1] > 0
-    assert Predictor(model).resolve(None, "CT")["largest_only"] == []
+    assert Predictor(model).resolve(None, "CT").largest_only == []
     # --keep-largest cuts every class, whatever the bundle chose
     everything = Predictor(threshold_model(), keep_largest=True)
-    assert everything.resolve("phantom", None)["largest_only"] == ["liver", "spleen"]
+    assert everything.resolve("phantom", None).largest_only == ["liver", "spleen"]
 
 
 def test_predict_command_reports_and_switches_the_choice(tmp_path, monkeypatch):

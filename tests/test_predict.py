@@ -15,17 +15,10 @@ from m4oe.cli import app
 from m4oe.config import ModelConfig
 from m4oe.data.io import Geometry, read_volume
 from m4oe.files import mark_output_dir
-from m4oe.infer import predict
-from m4oe.infer.predict import (
-    CPU_BATCH,
-    PredictError,
-    Predictor,
-    collect_inputs,
-    inference_dtype,
-    output_name,
-    predict_paths,
-)
-from m4oe.model.unet import M4oEUNet
+from m4oe.infer import files, predict
+from m4oe.infer.files import collect_inputs, output_name, predict_paths
+from m4oe.infer.predict import CPU_BATCH, PredictError, Predictor, inference_dtype
+from m4oe.model.swin_unet import M4oEUNet
 
 from .conftest import MICRO, SHARED_DATA
 from .data_helpers import write_image
@@ -81,6 +74,7 @@ def test_prediction_keeps_geometry_and_anatomy(tmp_path, direction):
     assert agreement > 0.985, agreement  # only resampled edges may differ; a flip would break it
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_dicom_series_input(tmp_path):
     series = SHARED_DATA / "samples" / "totalsegmentator" / "ct_dicom_20slices"
@@ -125,7 +119,7 @@ def test_unknown_dataset_modality_or_missing_statistics():
 
 def test_union_vocabulary_without_dataset():
     request = Predictor(threshold_model()).resolve(None, "CT")
-    assert request["values"] == [0, 1, 2] and request["dataset"] is None
+    assert request.values == [0, 1, 2] and request.dataset is None
 
 
 def test_cli_predict_reports_bad_file_and_bad_request(tmp_path):
@@ -151,7 +145,6 @@ def test_output_names():
 
 
 def test_precision_picks_bf16_only_where_it_is_native(monkeypatch):
-    from m4oe.infer import predict
 
     monkeypatch.setattr(predict, "cpu_has_bf16", lambda: False)
     assert inference_dtype("auto", torch.device("cpu")) == torch.float32
@@ -243,7 +236,7 @@ def test_folder_pipeline_reads_ahead_writes_behind_and_reports_in_order(tmp_path
     mark_output_dir(tmp_path / "out", "predictions")  # an earlier predictions folder, replaced with --overwrite
     (tmp_path / "out" / "c.nii.gz").mkdir(parents=True)  # c's result cannot be written: a folder is in the way
     events, lock = [], threading.Lock()
-    real_read, real_predict = predict.read_volume, Predictor.predict_volume
+    real_read, real_predict = files.read_volume, Predictor.predict_volume
 
     def read(path):
         with lock:
@@ -255,7 +248,7 @@ def test_folder_pipeline_reads_ahead_writes_behind_and_reports_in_order(tmp_path
             events.append(("predict", None, threading.current_thread().name))
         return real_predict(self, volume, *args)
 
-    monkeypatch.setattr(predict, "read_volume", read)
+    monkeypatch.setattr(files, "read_volume", read)
     monkeypatch.setattr(Predictor, "predict_volume", predict_volume)
     report = predict_paths(Predictor(threshold_model()), inputs, tmp_path / "out", dataset="phantom", progress=False,
                            overwrite=True)  # fmt: skip
@@ -285,7 +278,7 @@ class SideModel(M4oEUNet):
 
 
 def test_flip_tta_swaps_left_and_right_classes(tmp_path):
-    from m4oe.infer.predict import mirror_permutation
+    from m4oe.infer.engine import mirror_permutation
 
     names = ["background", "right_kidney", "left_kidney"]
     assert mirror_permutation(names) == [0, 2, 1]
@@ -331,7 +324,7 @@ def test_a_ct_given_to_an_mri_model_is_warned_about(tmp_path):
 
 
 def test_rotate_slices_matches_rot90_and_undoes_itself():
-    from m4oe.infer.predict import rotate_slices
+    from m4oe.infer.engine import rotate_slices
 
     x = torch.randn(2, 3, 12, 12)
     for degrees, k in ((90, 1), (-90, -1), (180, 2)):  # positive: counter-clockwise as displayed (row 0 on top)
@@ -354,6 +347,7 @@ class PlaceModel(M4oEUNet):
         return (logits, []) if return_gates else logits
 
 
+@pytest.mark.slow
 def test_rotation_tta_maps_every_view_back_before_averaging(tmp_path):
     # a pointwise model is rotation- and mirror-equivariant: with exact (90 degree) views every view
     # agrees once mapped back, so TTA changes no probability; one mapped back the wrong way would
@@ -380,6 +374,7 @@ def test_rotation_tta_maps_every_view_back_before_averaging(tmp_path):
         assert np.allclose(liver.astype(np.float32), expected[None], atol=0.01), tta
 
 
+@pytest.mark.slow
 def test_cli_predict_rejects_bad_rotation_angles(tmp_path):
     model = create_model("tiny", modalities=["CT"], label_sets={"phantom": LABELS}, **MICRO)
     save_bundle(model, tmp_path / "bundle", extra=EXTRA)

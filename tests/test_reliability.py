@@ -15,7 +15,8 @@ from m4oe import create_model, save_bundle
 from m4oe.config import ConfigError, parse_experiment
 from m4oe.data.io import ImageReadError, read_label_map
 from m4oe.eval.evaluate import EvaluationError, evaluate_folders
-from m4oe.infer.predict import PredictError, check_output_names, cpu_threads
+from m4oe.infer.files import check_output_names
+from m4oe.infer.predict import PredictError, cpu_threads
 from m4oe.train.finetune import run_train
 from m4oe.train.loop import RunExists, remove_stale_temporaries
 
@@ -113,6 +114,7 @@ def test_overrides_are_checked_against_the_chosen_preset(tmp_path):
         parse_experiment({**values, "model": {"preset": "tiny", "img_size": 224}})
 
 
+@pytest.mark.slow
 def test_training_into_an_existing_run_needs_resume(tmp_path):
     data = make_dataset(tmp_path / "ds", n=3)
     model = {"preset": "tiny", **{k: list(v) if isinstance(v, tuple) else v for k, v in MICRO.items()}}
@@ -126,6 +128,7 @@ def test_training_into_an_existing_run_needs_resume(tmp_path):
     assert (tmp_path / "run" / "last" / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_second_added_modality_finds_favoured_experts():
     from m4oe.train.add_modality import favoured_experts, grow_model
 
@@ -155,6 +158,7 @@ def _cache(values: dict, cache: Path):
     return ensure_cache(parse_experiment(values), cache, Runtime(torch.device("cpu")), progress=False)
 
 
+@pytest.mark.slow
 def test_cache_is_rebuilt_when_the_fold_changes_and_kept_when_only_the_weight_does(tmp_path):
     from m4oe.train.common import sampling_weights
 
@@ -174,6 +178,7 @@ def test_cache_is_rebuilt_when_the_fold_changes_and_kept_when_only_the_weight_do
     assert sampling_weights(parse_experiment({**weighted, "datasets": weighted["datasets"][1:]}), reused) == [1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_subset_config_must_match_the_cache(tmp_path):
     values = _two_datasets(tmp_path)
     _cache(values, tmp_path / "cache")
@@ -184,6 +189,7 @@ def test_subset_config_must_match_the_cache(tmp_path):
         _cache(changed, tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_a_cache_rebuilt_under_a_reader_is_refused(tmp_path):
     from m4oe.data.datasets import DataError
     from m4oe.data.prepare import prepare
@@ -207,6 +213,7 @@ def test_verify_only_reports_validation_cases_that_do_not_exist(tmp_path):
     assert "split.val names cases that are not in the dataset: ['case_099']" in str(info.value)
 
 
+@pytest.mark.slow
 def test_resumed_epoch_counts_the_slices_before_the_interruption(tmp_path):
     import csv
 

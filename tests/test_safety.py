@@ -20,7 +20,8 @@ from m4oe.config import ConfigError, load_experiment, parse_experiment
 from m4oe.data.datasets import DataError
 from m4oe.data.prepare import prepare
 from m4oe.files import MARKER, OutputError, atomic_write, check_output_dir, folder_kind, save_figure
-from m4oe.infer.predict import PredictError, Predictor, predict_paths
+from m4oe.infer.files import predict_paths
+from m4oe.infer.predict import PredictError, Predictor
 from m4oe.train.finetune import run_train
 from m4oe.train.loop import RunExists
 from m4oe.train.pretrain import run_pretrain
@@ -87,6 +88,7 @@ def test_prepare_into_a_file_is_refused_and_the_file_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "notes.md"]  # no hidden .notes.md.old-PID
 
 
+@pytest.mark.slow
 def test_m4oe_folders_of_another_kind_are_refused_and_its_own_reused(tmp_path):
     data = make_dataset(tmp_path / "ds", n=3)
     run_train(_experiment(data), tmp_path / "run", tmp_path / "cache", progress=False)
@@ -104,6 +106,7 @@ def test_m4oe_folders_of_another_kind_are_refused_and_its_own_reused(tmp_path):
     assert prepare(_experiment(data), tmp_path / "cache", progress=False).up_to_date
 
 
+@pytest.mark.slow
 def test_default_cache_in_a_place_that_cannot_hold_it_is_named(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "ds", n=3)
     config = tmp_path / "exp.yaml"
@@ -224,6 +227,7 @@ def trained_run(tmp_path_factory):
     return root, data
 
 
+@pytest.mark.slow
 def test_refused_runs_leave_the_run_folder_as_it_was(trained_run, tmp_path):
     root, data = trained_run
     before = _listing(root / "run")
@@ -241,6 +245,7 @@ def test_refused_runs_leave_the_run_folder_as_it_was(trained_run, tmp_path):
     "change, named",
     [({"img_size": 128}, "model.img_size 64 -> 128"), ({"embed_dim": 8}, "model.embed_dim 16 -> 8")],
 )
+@pytest.mark.slow
 def test_resume_refuses_a_changed_model(trained_run, change, named):
     root, data = trained_run
     values = {"model": {**MODEL, **change}, "train": TRAIN, "split": {"folds": 3},
@@ -249,6 +254,7 @@ def test_resume_refuses_a_changed_model(trained_run, change, named):
         run_train(parse_experiment(values), root / "run", root / f"cache{change}", resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_modality_or_normalisation(trained_run):
     root, data = trained_run
     for dataset, named in (({"modality": "MRI"}, "modalities"), ({"modality": "CT", "normalization": "mri"},
@@ -263,6 +269,7 @@ def test_resume_refuses_a_changed_modality_or_normalisation(trained_run):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_phase_1_bundle_is_refused_by_predict_and_experts(tmp_path):
     data = make_dataset(tmp_path / "ds", n=3)
     run_pretrain(_experiment(data), tmp_path / "pre", tmp_path / "cache", progress=False)
@@ -330,12 +337,14 @@ def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_nnunet_ignore_label_is_refused(tmp_path):
     data = make_dataset(tmp_path / "ds", n=3, labels={"background": 0, "liver": 1, "spleen": 2, "ignore": 3})
     result = runner.invoke(app, ["prepare", str(_config_file(tmp_path, data)), "--verify-only"])
     assert result.exit_code == 1 and "label 'ignore'" in result.output, result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ['"1"', "1.0"])
 def test_string_and_float_label_values_get_one_message(tmp_path, value):
     data = make_dataset(tmp_path / "ds", n=3)
@@ -352,6 +361,7 @@ def _config_file(tmp_path: Path, data: Path, **dataset) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_all_empty_label_maps_are_warned_about_and_refused_by_train(tmp_path):
     data = make_dataset(tmp_path / "ds", n=3)
     for path in (data / "labelsTr").iterdir():
@@ -411,6 +421,7 @@ def test_add_modality_grows_compute_matched_models_twice_keeping_old_outputs():
     assert all(shape[0] == 4 for shape in widths)  # four experts, each as wide as before
 
 
+@pytest.mark.slow
 def test_add_modality_trains_with_the_configs_dice(tmp_path, monkeypatch):
     from m4oe.train import add_modality
     from m4oe.train.loop import History

@@ -13,9 +13,10 @@ from m4oe.config import ConfigError, ModelConfig, load_experiment, parse_experim
 from m4oe.data.io import read_volume
 from m4oe.data.loader import SliceBatches, SliceCache, stack_slice_context
 from m4oe.data.prepare import prepare
-from m4oe.infer.predict import Predictor, predict_paths
+from m4oe.infer.files import predict_paths
+from m4oe.infer.predict import Predictor
 from m4oe.model.mae import load_pretrained
-from m4oe.model.unet import M4oEUNet
+from m4oe.model.swin_unet import M4oEUNet
 from m4oe.train.finetune import run_train
 from m4oe.train.pretrain import run_pretrain
 from m4oe.train.validate import validate
@@ -143,6 +144,7 @@ def test_prediction_sees_the_neighbours_across_batches(tmp_path, batch):
     assert (labels[0] == 0).all() and (labels == 6).sum() > 0.9 * expected.sum()
 
 
+@pytest.mark.slow
 def test_two_phase_training_and_prediction_on_stacked_slices(tmp_path):
     config = {
         "model": {"preset": "m4oe-convnext-s", "img_size": 32, "slice_context": 1},

@@ -1,4 +1,6 @@
-"""Two-phase training on a tiny real subset (CPU, tiny model): losses, Dice, init, resume, DDP, NaN."""
+"""Two-phase training (CPU, tiny model): losses and Dice on a tiny real subset; the loop's mechanics
+(resume, NaN stop, device read-backs, dataset weights, per-modality runs, DDP) on synthetic phantoms,
+so that a plain clone runs them."""
 
 from __future__ import annotations
 
@@ -28,22 +30,44 @@ from m4oe.train.pretrain import run_pretrain
 
 from .conftest import MICRO, SHARED_DATA
 
+pytestmark = pytest.mark.slow  # the fast tier (pytest -m 'not slow') leaves this file out
+
 TRAIN = dict(batch_size=8, samples_per_epoch=160, lr=0.002, val_every=5, workers=0, warmup_epochs=0.2, seed=0)
 
 
 def write_config(tmp: Path, **train) -> Path:
+    """The real subset (BTCV and CHAOS, four cases each), or, in a folder (or below one) holding
+    ``synthetic/``, phantom datasets of the same names."""
+    synthetic = next((f / "synthetic" for f in (tmp, tmp.parent) if (f / "synthetic").is_dir()), None)
+    if synthetic is not None:
+        datasets = [{"path": str(synthetic / name), "name": name, "modality": modality}
+                    for name, modality in (("BTCV", "CT"), ("CHAOS", "MRI"))]  # fmt: skip
+    else:
+        datasets = [
+            {"path": str(SHARED_DATA / "Dataset001_BTCV"), "name": "BTCV", "modality": "CT", "max_cases": 4},
+            {"path": str(SHARED_DATA / "Dataset002_CHAOS_T2"), "name": "CHAOS", "modality": "MRI", "max_cases": 4},
+        ]
     config = {
         "model": {"preset": "tiny", **{k: list(v) if isinstance(v, tuple) else v for k, v in MICRO.items()}},
         "split": {"folds": 2},
         "train": {**TRAIN, **train},
-        "datasets": [
-            {"path": str(SHARED_DATA / "Dataset001_BTCV"), "name": "BTCV", "modality": "CT", "max_cases": 4},
-            {"path": str(SHARED_DATA / "Dataset002_CHAOS_T2"), "name": "CHAOS", "modality": "MRI", "max_cases": 4},
-        ],
+        "datasets": datasets,
     }
     path = tmp / "exp.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="module")
+def mechanics(tmp_path_factory):
+    """A folder with two phantom datasets (CT and MRI, four cases each) and the cache path: for the
+    tests of the loop's mechanics, which need no real anatomy."""
+    from .data_helpers import make_dataset
+
+    root = tmp_path_factory.mktemp("mechanics")
+    make_dataset(root / "synthetic" / "BTCV", n=4)
+    make_dataset(root / "synthetic" / "CHAOS", n=4, modality="MRI")
+    return root, root / "cache"
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +196,8 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "last" / "model.safetensors"))
 
 
-@pytest.mark.shared_data
-def test_resume_after_a_kill_gives_the_same_weights(workdir, cache_dir):
+def test_resume_after_a_kill_gives_the_same_weights(mechanics):
+    workdir, cache_dir = mechanics
     settings = dict(epochs=2, samples_per_epoch=48, checkpoint_every=2, val_every=1, augment=True)
     exp = experiment(workdir, **settings)
     exp = replace(exp, model={**exp.model, "drop_path_rate": 0.2})  # randomness that must be restored
@@ -191,9 +215,9 @@ def test_resume_after_a_kill_gives_the_same_weights(workdir, cache_dir):
     assert _column(straight, "val_dice") == _column(killed, "val_dice")
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("phase", [run_pretrain, run_train])
-def test_training_draws_datasets_by_the_configs_weights_from_the_same_cache(workdir, cache_dir, monkeypatch, phase):
+def test_training_draws_datasets_by_the_configs_weights_from_the_same_cache(mechanics, monkeypatch, phase):
+    workdir, cache_dir = mechanics
     from m4oe.train import loop
 
     probabilities = []
@@ -223,8 +247,8 @@ def _column(run: Path, name: str) -> list[str]:
     return [line.split(",")[index] for line in lines[1:]]
 
 
-@pytest.mark.shared_data
-def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(workdir, cache_dir, monkeypatch):
+def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(mechanics, monkeypatch):
+    workdir, cache_dir = mechanics
     from m4oe.train import finetune
 
     real = finetune.segmentation_loss
@@ -260,11 +284,11 @@ class DeviceReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.shared_data
 @pytest.mark.parametrize("phase, routing", [("train", "soft"), ("train", "hard"), ("pretrain", None)])
-def test_training_steps_read_nothing_back_from_the_device(workdir, cache_dir, monkeypatch, phase, routing):
+def test_training_steps_read_nothing_back_from_the_device(mechanics, monkeypatch, phase, routing):
     """As on a GPU (index checks off), the loop reads values back only outside the steps: a run
     of 6 steps reads exactly as often as a run of 2."""
+    workdir, cache_dir = mechanics
     from m4oe.model import checks
     from m4oe.train import loop
 
@@ -295,8 +319,8 @@ def test_training_steps_read_nothing_back_from_the_device(workdir, cache_dir, mo
     assert counts[0] == counts[1], counts
 
 
-@pytest.mark.shared_data
-def test_per_modality_baseline_trains_one_model_each(workdir, cache_dir):
+def test_per_modality_baseline_trains_one_model_each(mechanics):
+    workdir, cache_dir = mechanics
     out = workdir / "per_modality"
     histories = run_train(experiment(workdir, epochs=1, baseline="per_modality"), out, cache_dir, progress=False)
     assert set(histories) == {"CT", "MRI"}
@@ -311,8 +335,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.shared_data
-def test_ddp_two_cpu_processes_match_one(workdir, cache_dir):
+def test_ddp_two_cpu_processes_match_one(mechanics):
+    workdir, cache_dir = mechanics
     (workdir / "ddp").mkdir()
     config = write_config(workdir / "ddp", epochs=1, samples_per_epoch=48, augment=False, val_every=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

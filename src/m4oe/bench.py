@@ -19,11 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config.choices import HARD_KERNELS
 from .model.moe import MoEMLP
 from .model.presets import create_model, forward_flops
 from .model.swin import WindowAttention, set_attention_kernel
-
-HARD_KERNELS = ("grouped", "onehot", "auto")  # hard routing of mixed batches; auto: the device's default
 
 
 @dataclass
@@ -109,8 +108,9 @@ def _bench_model(cfg: BenchConfig) -> dict[str, Any]:
     result: dict[str, Any] = {**asdict(cfg), "params": sum(p.numel() for p in model.parameters()),
                               "gflops_forward": round(flops / 1e9, 3)}  # fmt: skip
     if model.config.routing != "soft":
+        gates = model.gate_parameter_names()
         for name, p in model.named_parameters():
-            if ".gate." in name:
+            if name in gates:
                 p.requires_grad_(False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     image = torch.randn(cfg.batch, model.config.in_chans, S, S, device=device)

@@ -71,6 +71,9 @@ def prepare(
     storage: str = typer.Option("float16", help="float16, or uint8 (4x smaller than float32, per-slice affine)."),
     workers: int = typer.Option(2, help="Worker processes."),
     force: bool = typer.Option(False, help="Rebuild even if the cache is up to date."),
+    overrides: list[str] = typer.Option(
+        None, "--set", help="Change a config value, SECTION.KEY=VALUE (YAML value); repeat it: --set train.lr=0.01"
+    ),
 ) -> None:
     """Check datasets (all problems listed at once) and write the slice cache."""
     from .config import ConfigError, load_experiment
@@ -79,7 +82,7 @@ def prepare(
     from .data.prepare import prepare as run_prepare
 
     try:
-        experiment = load_experiment(config)
+        experiment = load_experiment(config, overrides or ())
         if verify_only:
             sources, _ = check(experiment, workers=workers)
             cases = sum(len(s.cases) for s in sources)
@@ -100,18 +103,16 @@ def prepare(
         _tagged("warning:", "yellow", warning)
 
 
-def _load(config: Path, epochs: int | None = None, pretrain_epochs: int | None = None):
-    from dataclasses import replace
-
+def _load(config: Path, overrides: list[str] | None, epochs: int | None = None, pretrain_epochs: int | None = None):
+    """The experiment of ``config`` with the ``--set`` words applied (``--epochs N`` is ``--set train.epochs=N``)."""
     from .config import load_experiment
 
-    experiment = load_experiment(config)
-    train = dict(experiment.train)
+    words = list(overrides or ())
     if epochs is not None:
-        train["epochs"] = epochs
+        words.append(f"train.epochs={epochs}")
     if pretrain_epochs is not None:
-        train["pretrain_epochs"] = pretrain_epochs
-    return replace(experiment, train=train)
+        words.append(f"train.pretrain_epochs={pretrain_epochs}")
+    return load_experiment(config, words)
 
 
 DEBUG = False  # --debug: errors keep their traceback
@@ -132,6 +133,9 @@ def pretrain(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     epochs: int = typer.Option(None, help="Override train.pretrain_epochs."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    overrides: list[str] = typer.Option(
+        None, "--set", help="Change a config value, SECTION.KEY=VALUE (YAML value); repeat it: --set train.lr=0.01"
+    ),
 ) -> None:
     """Phase 1: MAE pre-training of each modality's expert (images only; labels not needed)."""
     from .config import ConfigError
@@ -140,7 +144,8 @@ def pretrain(
     from .train.pretrain import run_pretrain
 
     try:
-        history = run_pretrain(_load(config, pretrain_epochs=epochs), out, cache, resume=resume, device=device)
+        experiment = _load(config, overrides, pretrain_epochs=epochs)
+        history = run_pretrain(experiment, out, cache, resume=resume, device=device)
     except (ConfigError, DataError, TrainingDiverged, FileNotFoundError, ValueError) as err:
         _fail(err)
     last = history.rows[-1] if history.rows else {}
@@ -156,6 +161,9 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     epochs: int = typer.Option(None, help="Override train.epochs."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    overrides: list[str] = typer.Option(
+        None, "--set", help="Change a config value, SECTION.KEY=VALUE (YAML value); repeat it: --set train.lr=0.01"
+    ),
 ) -> None:
     """Phase 2: gated end-to-end fine-tuning (from scratch without --init); baselines by config."""
     from .bundle import BundleError
@@ -165,7 +173,8 @@ def train(
     from .train.loop import TrainingDiverged
 
     try:
-        histories = run_train(_load(config, epochs=epochs), out, cache, init=init, resume=resume, device=device)
+        experiment = _load(config, overrides, epochs=epochs)
+        histories = run_train(experiment, out, cache, init=init, resume=resume, device=device)
     except (ConfigError, DataError, BundleError, TrainingDiverged, FileNotFoundError, ValueError) as err:
         _fail(err)
     for name, history in histories.items():
@@ -190,6 +199,9 @@ def add_modality(
     cache: Path = typer.Option(None, help="Slice cache of the config (default: cache/<config name>)."),
     epochs: int = typer.Option(None, help="Override train.epochs."),
     device: str = typer.Option(None, help="cpu or cuda."),
+    overrides: list[str] = typer.Option(
+        None, "--set", help="Change a config value, SECTION.KEY=VALUE (YAML value); repeat it: --set train.lr=0.01"
+    ),
 ) -> None:
     """Add one modality expert (and the new labels) to a trained model, then train it."""
     from .bundle import BundleError
@@ -199,7 +211,8 @@ def add_modality(
 
     mode = "freeze_old" if freeze_old else "full"
     try:
-        history, info = run_add_modality(model, _load(config, epochs=epochs), out, cache, mode, pretrain, device)
+        experiment = _load(config, overrides, epochs=epochs)
+        history, info = run_add_modality(model, experiment, out, cache, mode, pretrain, device)
     except (ConfigError, DataError, BundleError, ValueError) as err:
         _fail(err)
     added = info["parameters_added"]
@@ -253,7 +266,8 @@ def predict(
 ) -> None:
     """Segment volumes; label maps keep the input's spacing, origin and direction."""
     from .bundle import BundleError, load_bundle
-    from .infer.predict import PredictError, Predictor, collect_inputs, predict_paths
+    from .infer.files import collect_inputs, predict_paths
+    from .infer.predict import PredictError, Predictor
 
     try:
         rotations = _angles(tta_rotate)
@@ -262,7 +276,7 @@ def predict(
             bundle, device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing, precision=precision,
             postprocess=postprocess, rotations=rotations,
         )  # fmt: skip
-        largest_only = predictor.resolve(dataset, modality)["largest_only"]
+        largest_only = predictor.resolve(dataset, modality).largest_only
         report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities,
                                overwrite=overwrite)  # fmt: skip
     except (BundleError, PredictError) as err:
@@ -400,8 +414,8 @@ def bench(
     from dataclasses import replace
 
     from .bench import HARD_KERNELS, BenchConfig, bench_model, bench_moe_layer, environment
+    from .config.choices import ATTENTION_KERNELS
     from .files import write_json
-    from .model.swin import ATTENTION_KERNELS
 
     base = BenchConfig(batch=batch, infer_batch=infer_batch, compile=compile, compile_mode=compile_mode,
                        experts=experts, steps=steps,

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config.choices import FOREGROUND_SAMPLING
+from . import cache_format
 from .datasets import DataError
 
 
@@ -27,14 +29,13 @@ class SliceCache:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        meta_path = self.path / "meta.json"
+        meta_path = self.path / cache_format.META
         if not meta_path.is_file():
             raise DataError([f"{self.path}: no meta.json; run 'm4oe prepare' first"], "not a slice cache")
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         if not self.meta.get("complete"):
             raise DataError([f"{meta_path}: cache is incomplete; run 'm4oe prepare' again"], "not a slice cache")
-        with np.load(self.path / "index.npz") as index:
-            self.index = {key: index[key] for key in index.files}
+        self.index = cache_format.read_index(self.path)
         self._images: np.ndarray | None = None
         self._labels: np.ndarray | None = None
 
@@ -67,15 +68,14 @@ class SliceCache:
     def _open(self) -> tuple[np.ndarray, np.ndarray]:
         if self._images is None:
             self._check_unchanged()
-            self._images = np.load(self.path / "images.npy", mmap_mode="r")
-            self._labels = np.load(self.path / "labels.npy", mmap_mode="r")
+            self._images, self._labels = cache_format.open_arrays(self.path)
         return self._images, self._labels
 
     def _check_unchanged(self) -> None:
         """The files must be those this cache's index describes: a cache rebuilt after it was
         opened (loader workers open the arrays later) would be read with a stale index."""
         try:
-            now = json.loads((self.path / "meta.json").read_text()).get("fingerprint")
+            now = json.loads((self.path / cache_format.META).read_text()).get("fingerprint")
         except (OSError, json.JSONDecodeError):
             now = None
         if now != self.meta.get("fingerprint"):
@@ -157,7 +157,6 @@ class SliceCache:
         return [c for c in self.meta["cases"] if c["num_slices"] and mask[c["slice_start"]]]
 
 
-FOREGROUND_SAMPLING = ("any", "class")
 
 
 class BalancedBatchSampler:

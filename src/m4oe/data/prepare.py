@@ -1,13 +1,7 @@
 """``m4oe prepare``: check every case, compute normalisation statistics, and write the slice cache.
 
-The cache is a folder:
-
-* ``images.npy`` ``[N, S, S]`` float16 (or uint8 with a per-slice affine, ``--storage uint8``) and
-  ``labels.npy`` ``[N, S, S]`` uint8 (union-vocabulary class indices), both memory-mapped;
-* ``index.npz``: per slice its dataset, case, slice number, modality, foreground fraction and the
-  affine that turns stored values back into normalised intensities;
-* ``meta.json``: vocabulary, label sets, modalities, normalisation statistics, every case's source
-  files, geometry, orientation, slice plan and fold, plus a fingerprint of the inputs.
+The cache's files are described in :mod:`m4oe.data.cache_format` (uint8 storage, ``--storage uint8``,
+keeps a per-slice affine that turns stored values back into normalised intensities).
 
 Work happens in two passes over the cases (in parallel worker processes): pass 1 reads every case and
 collects all problems (nothing is written if there is any) and the CT foreground samples; pass 2
@@ -31,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from ..config import FLIP_AXES, ExperimentConfig, build_vocabulary
+from ..config import ExperimentConfig, build_vocabulary
+from ..config.choices import STORAGE_TYPES
 from ..files import OutputError, check_output_dir, mark_output_dir, replace_dir
-from .datasets import Case, DataError, DatasetSource, assign_folds, open_dataset
+from . import cache_format
+from .datasets import Case, DataError, DatasetSource, open_dataset
+from .mirrored import mirrored_datasets
 from .normalize import ct_statistics, normalize, sample_foreground, scheme_statistics
-
-CACHE_FORMAT = 1
-STORAGE_TYPES = ("float16", "uint8")
 
 
 @dataclass
@@ -72,7 +66,7 @@ def discover(config: ExperimentConfig, problems: list[str]) -> list[DatasetSourc
 
 def _fingerprint(sources: list[DatasetSource], img_size: int, storage: str) -> str:
     payload = {
-        "format": CACHE_FORMAT,
+        "format": cache_format.FORMAT,
         "img_size": img_size,
         "storage": storage,
         "datasets": [dataset_fingerprint(s) for s in sources],
@@ -205,8 +199,7 @@ def _write_case(task: dict[str, Any]) -> dict[str, Any]:
     else:
         label_slices = np.zeros(slices.shape, dtype=np.uint8)
     start, count = task["start"], slices.shape[0]
-    images = np.load(task["images_path"], mmap_mode="r+")
-    labels = np.load(task["labels_path"], mmap_mode="r+")
+    images, labels = cache_format.open_arrays(Path(task["folder"]), "r+")
     if task["storage"] == "uint8":
         lo, hi = float(slices.min()), float(slices.max())
         scale = (hi - lo) / 255.0 if hi > lo else 1.0
@@ -338,12 +331,8 @@ def prepare(
     if problems:
         check(config, workers, progress)  # raises, listing these and every per-case problem
     fingerprint = _fingerprint(sources, size, storage)
-    existing = out / "meta.json"
-    if existing.is_file() and not force:
-        try:
-            meta = json.loads(existing.read_text())
-        except json.JSONDecodeError:
-            meta = {}
+    meta = None if force else cache_format.read_meta(out)
+    if meta is not None:
         if meta.get("complete") and meta.get("fingerprint") == fingerprint:
             seconds = time.perf_counter() - started
             cases, warnings = len(meta["cases"]), meta.get("warnings", [])
@@ -371,9 +360,7 @@ def prepare(
             "a folder in a writable place"
         ) from None
     try:
-        images_path, labels_path = tmp / "images.npy", tmp / "labels.npy"
-        np.lib.format.open_memmap(images_path, "w+", np.dtype(storage), (total, size, size)).flush()
-        np.lib.format.open_memmap(labels_path, "w+", np.uint8, (total, size, size)).flush()
+        cache_format.create_arrays(tmp, storage, total, size)
         tasks = []
         for i, (source, case) in enumerate(pairs):
             lut = np.zeros(max(source.label_values.values()) + 1, dtype=np.int64)
@@ -390,17 +377,18 @@ def prepare(
                     "size": size,
                     "storage": storage,
                     "start": int(starts[i]),
-                    "images_path": str(images_path),
-                    "labels_path": str(labels_path),
+                    "folder": str(tmp),
                 }
             )
         written = _run(_write_case, tasks, workers, "caching", progress)
-        meta = _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary, modalities)
-        meta.update(format=CACHE_FORMAT, img_size=size, storage=storage, num_slices=total, fingerprint=fingerprint)
-        _write_index(tmp / "index.npz", sources, pairs, written, counts, modalities)
-        with np.load(tmp / "index.npz") as index:
-            slice_dataset, foreground = index["dataset"], index["foreground"]
-        labels = np.load(labels_path, mmap_mode="r")
+        fingerprints = {s.name: dataset_fingerprint(s) for s in sources}
+        meta = cache_format.build_meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary,
+                                       modalities, fingerprints)  # fmt: skip
+        meta.update(img_size=size, storage=storage, num_slices=total, fingerprint=fingerprint)
+        cache_format.write_slice_index(tmp, sources, pairs, written, counts, modalities)
+        index = cache_format.read_index(tmp)
+        slice_dataset, foreground = index["dataset"], index["foreground"]
+        labels = cache_format.open_arrays(tmp)[1]
         meta["warnings"] = mirrored_datasets(labels, slice_dataset, [s.name for s in sources], vocabulary)
         meta["warnings"] += [
             f"{s.name}: every label map is empty (background only): nothing to learn from; check {s.root}/labelsTr"
@@ -408,136 +396,12 @@ def prepare(
             if s.labeled and not (foreground[slice_dataset == d] > 0).any()
         ]
         del labels
-        meta["complete"] = True
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        cache_format.write_meta(tmp, meta)
         mark_output_dir(tmp, "cache")
         replace_dir(tmp, out, "cache")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult(out, total, len(pairs), _size(out), False, time.perf_counter() - started, meta["warnings"])
-
-
-def organ_positions(labels: np.ndarray, slice_dataset: np.ndarray, datasets: int, classes: int) -> np.ndarray:
-    """Mean position of every class in every dataset's slices, as a fraction of the slice side:
-    ``[datasets, classes, 2]`` (y, x), NaN where a dataset has no pixel of the class. Every second
-    pixel of every slice is enough for a mean."""
-    size = labels.shape[-1]
-    grid = np.arange(0, size, 2, dtype=np.float64) / size
-    sums = np.zeros((datasets, 3, classes))  # count, sum of y, sum of x
-    for start in range(0, labels.shape[0], 256):
-        chunk = np.asarray(labels[start : start + 256, ::2, ::2])
-        owner = slice_dataset[start : start + 256]
-        for d in np.unique(owner):
-            part = chunk[owner == d].reshape(-1, grid.size, grid.size)
-            flat = part.reshape(-1).astype(np.int64)
-            ys = np.broadcast_to(grid[None, :, None], part.shape).reshape(-1)
-            xs = np.broadcast_to(grid[None, None, :], part.shape).reshape(-1)
-            sums[d, 0] += np.bincount(flat, minlength=classes)[:classes]
-            sums[d, 1] += np.bincount(flat, weights=ys, minlength=classes)[:classes]
-            sums[d, 2] += np.bincount(flat, weights=xs, minlength=classes)[:classes]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(sums[:, :1] > 0, sums[:, 1:] / sums[:, :1], np.nan).transpose(0, 2, 1)
-
-
-def mirrored_datasets(labels: np.ndarray, slice_dataset: np.ndarray, names: list[str], vocabulary: list[str],
-                      min_shared: int = 3) -> list[str]:  # fmt: skip
-    """Warnings for pairs of datasets whose shared organs lie in mirrored order along an axis of the
-    canonical slice (their positions anti-correlated), the mark of a header that contradicts the
-    anatomy in one of them. Needs at least ``min_shared`` organs labelled in both."""
-    positions = organ_positions(labels, slice_dataset, len(names), len(vocabulary))
-    warnings = []
-    for a in range(len(names)):
-        for b in range(a + 1, len(names)):
-            shared = [k for k in range(1, len(vocabulary)) if not np.isnan(positions[[a, b], k]).any()]
-            if len(shared) < min_shared:
-                continue
-            for name, axis in (("y", 0), ("x", 1)):  # the order of organ_positions' last axis
-                pa, pb = positions[a, shared, axis], positions[b, shared, axis]
-                if pa.std() < 0.02 or pb.std() < 0.02:
-                    continue
-                corr = float(np.corrcoef(pa, pb)[0, 1])
-                if corr < -0.5:
-                    organs = ", ".join(vocabulary[k] for k in shared)
-                    warnings.append(
-                        f"{names[a]} and {names[b]} share {organs}, but their order along {name} "
-                        f"({FLIP_AXES[name]}) is mirrored (correlation {corr:.2f}): if one dataset's headers "
-                        f"contradict its anatomy, give it 'flip: [{name}]' in the config"
-                    )
-    return warnings
-
-
-def _meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary, modalities) -> dict[str, Any]:
-    folds = {}
-    for source in sources:
-        folds[source.name] = assign_folds([c.case_id for c in source.cases], source.split, str(source.root))
-    cases = []
-    for i, ((source, case), chk, wr) in enumerate(zip(pairs, checks, written, strict=True)):
-        cases.append(
-            {
-                "dataset": source.name,
-                "case_id": case.case_id,
-                "image": str(case.image),
-                "label": str(case.label) if case.label is not None else None,
-                "geometry": chk["geometry"],
-                "orientation": chk["orientation"],
-                "spacing_zyx": list(chk["spacing"]),
-                "shape_zyx": list(chk["shape"]),
-                "plan": wr["plan"],
-                "slice_start": int(starts[i]),
-                "num_slices": int(chk["shape"][0]),
-                "fold": folds[source.name][case.case_id],
-            }
-        )
-    datasets = [
-        {
-            "name": s.name,
-            "path": str(s.root),
-            "modality": s.modality,
-            "labeled": s.labeled,
-            "label_values": {s.label_map.get(n, n): v for n, v in s.label_values.items()} if s.labeled else {},
-            "source_label_values": s.label_values,
-            "label_map": s.label_map,
-            "normalization": stats[s.name],
-            "flip": list(s.flip),
-            "fov": s.fov,
-            "fingerprint": dataset_fingerprint(s),
-            "split": {
-                "folds": s.split.folds,
-                "fold": s.split.fold,
-                "seed": s.split.seed,
-                "group_pattern": s.split.group_pattern,
-                "val": list(s.split.val) if s.split.val else None,
-            },
-            "num_cases": len(s.cases),
-        }  # fmt: skip
-        for s in sources
-    ]
-    return {
-        "modalities": modalities,
-        "class_names": vocabulary,
-        "label_sets": label_sets,
-        "datasets": datasets,
-        "cases": cases,
-    }
-
-
-def _write_index(path: Path, sources, pairs, written, counts, modalities) -> None:
-    names = [s.name for s in sources]
-
-    def per_slice(values, dtype) -> np.ndarray:
-        return np.repeat(np.asarray(values, dtype=dtype), counts)
-
-    np.savez(
-        path,
-        dataset=per_slice([names.index(s.name) for s, _ in pairs], np.int16),
-        modality=per_slice([modalities.index(s.modality) for s, _ in pairs], np.int16),
-        labeled=per_slice([s.labeled for s, _ in pairs], bool),
-        case=per_slice(range(len(pairs)), np.int32),
-        z=np.concatenate([np.arange(n, dtype=np.int32) for n in counts]),
-        foreground=np.concatenate([w["foreground"] for w in written]),
-        scale=per_slice([w["affine"][0] for w in written], np.float32),
-        offset=per_slice([w["affine"][1] for w in written], np.float32),
-    )
 
 
 def _size(path: Path) -> int:

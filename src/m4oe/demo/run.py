@@ -20,12 +20,9 @@ from ..files import check_output_dir, folder_kind, mark_output_dir, write_text
 DATA = Path(__file__).parent / "data"
 HELD_OUT = "chaos_21"
 
-FULL = {"pretrain_epochs": 1, "epochs": 7, "samples_per_epoch": 360, "val_every": 7}
-QUICK = {"pretrain_epochs": 1, "epochs": 2, "samples_per_epoch": 48, "val_every": 2}
-MODEL = {"preset": "m4oe-convnext-s", "img_size": 96}
-# Batch 4 at 96 px: with three training volumes, more optimiser steps beat larger batches (docs/results.md)
-TRAIN = {"batch_size": 4, "lr": 3e-3, "dice": "batch", "workers": 2, "warmup_epochs": 0.1, "pretrain_lr": 1e-3}
-QUICK_MODEL = {"preset": "m4oe-convnext-s", "img_size": 64, "depths": [0, 1, 1, 1]}
+RECIPE = Path(__file__).parent / "demo.yaml"
+QUICK = ["model.img_size=64", "model.depths=[0,1,1,1]", "train.epochs=2", "train.samples_per_epoch=48",
+         "train.val_every=2"]  # fmt: skip
 
 
 @dataclass
@@ -38,34 +35,25 @@ class DemoResult:
     experts: Path
 
 
-def demo_config(out: Path, quick: bool) -> Path:
-    config = {
-        "model": QUICK_MODEL if quick else MODEL,
-        "train": {**TRAIN, **(QUICK if quick else FULL)},
-        "datasets": [
-            {
-                "path": str(DATA / "Dataset801_CHAOS_T2_demo"),
-                "name": "CHAOS",
-                "modality": "MRI",
-                "weight": 3.0,  # the scored dataset gets three quarters of the slices
-                "split": {"val": [HELD_OUT]},
-            },
-            {
-                "path": str(DATA / "Dataset802_TotalSegCT_demo"),
-                "name": "TotalSegCT",
-                "modality": "CT",
-                "split": {"val": []},
-            },  # fmt: skip
-        ],
-    }
-    return write_text(out / "demo.yaml", yaml.safe_dump(config, sort_keys=False))
+def demo_config(out: Path, quick: bool, overrides: list[str] | None = None) -> Path:
+    """The demo's recipe (``demo.yaml``, with ``--quick``'s and any further ``--set`` words) written to
+    ``OUT/demo.yaml``, its dataset paths made absolute."""
+    from ..config import apply_overrides
+
+    values = yaml.safe_load(RECIPE.read_text())
+    for entry in values["datasets"]:
+        entry["path"] = str(RECIPE.parent / entry["path"])
+    values = apply_overrides(values, [*(QUICK if quick else []), *(overrides or [])])
+    return write_text(out / "demo.yaml", yaml.safe_dump(values, sort_keys=False))
 
 
-def run_demo(out: str | Path = "demo_output", quick: bool = False, device: str | None = None, say=print) -> DemoResult:
+def run_demo(out: str | Path = "demo_output", quick: bool = False, device: str | None = None, say=print,
+             overrides: list[str] | None = None) -> DemoResult:  # fmt: skip
     from ..bundle import load_bundle
     from ..config import load_experiment
     from ..eval.evaluate import evaluate_folders
-    from ..infer.predict import Predictor, predict_paths
+    from ..infer.files import predict_paths
+    from ..infer.predict import Predictor
     from ..train.finetune import run_train
     from ..train.pretrain import run_pretrain
     from ..viz.experts import render_experts
@@ -77,7 +65,7 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, device: str |
         if folder_kind(out / previous) == "run":
             shutil.rmtree(out / previous)
     mark_output_dir(out, "demo")
-    experiment = load_experiment(demo_config(out, quick))
+    experiment = load_experiment(demo_config(out, quick, overrides))
     cache = out / "cache"
     chaos = DATA / "Dataset801_CHAOS_T2_demo"
     ct = DATA / "Dataset802_TotalSegCT_demo"

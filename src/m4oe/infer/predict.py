@@ -10,39 +10,28 @@ union-vocabulary indices).
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..bundle import check_segmentation_bundle
 from ..config import ROUTING_MODES
+from ..config.choices import PRECISIONS
 from ..data.io import (
-    IMAGE_SUFFIXES,
-    ImageReadError,
     Volume,
-    check_file,
     flip_in_plane,
     negative_voxel_sizes,
-    read_volume,
-    write_like_nifti,
-    write_volume,
 )
-from ..data.loader import stack_slice_context
 from ..data.normalize import normalize
 from ..data.postprocess import keep_largest_components
 from ..data.resample import SlicePlan, fit_slices, unfit_logits
 from ..devices import resolve_device
-from ..files import OutputError, atomic_write, check_output_dir, dataset_root, mark_output_dir
 from ..memory import keep_freed_memory
 from ..model.base import SegmentationModel
 from ..model.head import class_argmax
+from .engine import SliceEngine, SliceRequest
 
 CPU_BATCH = 8  # m4oe-t on 2 cores, 512^2 CT: batch 8 was 3-6% faster than 16 and needed 2.0 GB, not 3.0
 
@@ -60,17 +49,6 @@ class Prediction:
     probabilities: np.ndarray | None = None  # [classes, z, y, x] float16, canonical order
     warnings: list[str] = field(default_factory=list)
     largest_only: list[str] = field(default_factory=list)  # classes cut to their largest connected component
-
-
-def mirror_permutation(class_names: list[str]) -> list[int]:
-    """Class order of a left-right mirrored prediction: each class whose name differs from another's
-    only by ``left`` / ``right`` takes its partner's place (``left_kidney`` <-> ``right_kidney``)."""
-    index = {name: k for k, name in enumerate(class_names)}
-    order = []
-    for name in class_names:
-        swapped = re.sub(r"left|right", lambda m: "right" if m.group(0) == "left" else "left", name)
-        order.append(index.get(swapped, index[name]))
-    return order
 
 
 def cpu_threads() -> int:
@@ -93,15 +71,27 @@ def check_rotations(angles) -> tuple[float, ...]:
     return angles
 
 
-def rotate_slices(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """``[B, C, H, W]`` rotated in-plane about the centre by ``degrees`` (counter-clockwise as an image
-    is shown, row 0 at the top), bilinear, edge values repeated outside; computed in float32."""
-    t = math.radians(degrees)
-    cos, sin = math.cos(t), math.sin(t)
-    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], device=x.device).expand(x.shape[0], 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.to(x.dtype)
+@dataclass
+class PredictRequest:
+    """A resolved request: the model's dataset and modality indices (``None``: the union vocabulary /
+    the gate alone), the normalisation, the output classes (their indices in the model's vocabulary
+    and their label values in the output), the dataset's in-plane flip and field of view, and the
+    classes cut to their largest connected component."""
+
+    dataset: int | None
+    modality: int | None
+    normalization: dict
+    class_index: list[int]
+    classes: list[str]
+    values: list[int]
+    flip: list[str]
+    fov: float
+    largest_only: list[str]
+
+    @property
+    def slices(self) -> SliceRequest:
+        """What the slice engine needs of it."""
+        return SliceRequest(self.modality, self.dataset)
 
 
 class Predictor:
@@ -158,15 +148,16 @@ class Predictor:
         self.batch_size, self.tta, self.keep_largest = batch_size, tta, keep_largest
         self.rotations = check_rotations(rotations)
         self.postprocess = postprocess
-        self.mirror_classes = torch.tensor(mirror_permutation(model.class_names), device=self.device)
+        self.engine = SliceEngine(self.model, self.device, batch_size, self.dtype, tta=tta, rotations=self.rotations)
         self.datasets = getattr(model, "bundle_extra", {}).get("datasets", {})
         self.largest_only = getattr(model, "bundle_extra", {}).get("postprocessing", {}).get("keep_largest", {})
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads())
             keep_freed_memory()  # process-wide, like the thread count: activations are reused, not faulted in
 
-    def resolve(self, dataset: str | None, modality: str | None) -> dict:
-        """Dataset index, modality index, normalisation and output classes of a request."""
+    def resolve(self, dataset: str | None, modality: str | None) -> PredictRequest:
+        """What serving ``--dataset`` / ``--modality`` means for this model (see :class:`PredictRequest`);
+        raises :class:`PredictError` for a request it cannot serve."""
         model = self.model
         if dataset is not None and dataset not in model.dataset_names:
             raise PredictError(f"unknown dataset {dataset!r}; this model knows {model.dataset_names}")
@@ -198,18 +189,18 @@ class Predictor:
             classes = list(model.label_sets[dataset])
             label_values = self.datasets.get(dataset, {}).get("label_values") or {}
             values = [label_values.get(c, k) for k, c in enumerate(classes)]
-        return {
-            "dataset": None if dataset is None else model.dataset_names.index(dataset),
-            "modality": None if modality is None else model.modalities.index(modality),
-            "normalization": info["normalization"],
-            "class_index": [model.class_names.index(c) for c in classes],
-            "classes": classes,
-            "values": values,
+        return PredictRequest(
+            dataset=None if dataset is None else model.dataset_names.index(dataset),
+            modality=None if modality is None else model.modalities.index(modality),
+            normalization=info["normalization"],
+            class_index=[model.class_names.index(c) for c in classes],
+            classes=classes,
+            values=values,
             # a flip describes the files of a training dataset: applied when the request names it
-            "flip": list(info.get("flip", [])) if dataset is not None else [],
-            "fov": self._fov(dataset, modality),
-            "largest_only": self._largest_only(dataset, classes),
-        }
+            flip=list(info.get("flip", [])) if dataset is not None else [],
+            fov=self._fov(dataset, modality),
+            largest_only=self._largest_only(dataset, classes),
+        )
 
     def _fov(self, dataset: str | None, modality: str | None) -> float:
         """The part of each slice the model sees: the dataset's ``fov``; without a dataset, the one that
@@ -237,78 +228,46 @@ class Predictor:
         plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size, fov)
         return fit_slices(normalize(flip_in_plane(volume.array, flip or []), normalization), plan), plan
 
-    def model_input(self, slices: torch.Tensor, start: int) -> torch.Tensor:
-        """The batch of prepared slices from ``start``: ``[b, 1 + 2k, size, size]``, each slice with the
-        model's ``slice_context`` neighbours on either side."""
-        return stack_slice_context(slices, self.model.config.slice_context, start, start + self.batch_size)
-
-    def average_views(self, batch: torch.Tensor, logits: torch.Tensor, modality, dataset) -> torch.Tensor:
-        """Mean softmax over the test-time views of ``batch`` (``logits``: the plain view's), each
-        mapped back onto the slice: rotations by plus and minus each angle, and with ``tta`` the
-        left-right mirror of every view."""
-        total, count = logits.float().softmax(1), 1
-        for angle in (0.0, *(sign * a for a in self.rotations for sign in (1, -1))):
-            view = rotate_slices(batch, angle) if angle else batch
-            if angle:
-                total = total + rotate_slices(self.model(view, modality, dataset).float().softmax(1), -angle)
-                count += 1
-            if self.tta:
-                flipped = self.model(view.flip(-1), modality, dataset)
-                # in the mirrored slice the right kidney lies where the left one belongs, and the model
-                # (trained without flips) calls it left: swap the paired classes back when un-mirroring
-                mirrored = flipped.float().flip(-1).softmax(1)[:, self.mirror_classes]
-                total = total + (rotate_slices(mirrored, -angle) if angle else mirrored)
-                count += 1
-        return total / count
-
     @torch.no_grad()
     def predict_volume(
         self, volume: Volume, dataset: str | None = None, modality: str | None = None, probabilities: bool = False
     ) -> Prediction:
         request = self.resolve(dataset, modality)
-        slices, plan = self.prepare(volume, request["normalization"], request["flip"], request["fov"])
-        class_index = torch.tensor(request["class_index"], device=self.device)
-        Z = slices.shape[0]
+        slices, plan = self.prepare(volume, request.normalization, request.flip, request.fov)
+        class_index = torch.tensor(request.class_index, device=self.device)
         few = len(class_index) <= 256  # class indices in one byte: a 100 x 512^2 map is 26 MB, not 210
         index_dtype = torch.uint8 if few else torch.int16
         labels = np.zeros(volume.array.shape, dtype=np.uint8 if few else np.int16)
         probs_out = np.zeros((len(class_index), *volume.array.shape), np.float16) if probabilities else None
         gate_sum, gate_count = None, 0
-        modality = request["modality"]  # one int for the whole batch: fast hard routing
-        averaged = self.tta or bool(self.rotations)  # probabilities averaged over views, not logits
-        for start in range(0, Z, self.batch_size):
-            batch = self.model_input(slices, start).to(self.device, self.dtype)
-            b = batch.shape[0]
-            dataset = None
-            if request["dataset"] is not None:
-                dataset = torch.full((b,), request["dataset"], dtype=torch.long, device=self.device)
-            logits, gates = self.model(batch, modality, dataset, return_gates=True)
-            scores = self.average_views(batch, logits, modality, dataset) if averaged else logits.float()
-            if gates:
-                means = torch.stack([g.float().mean(dim=1).sum(0) for g in gates]).mean(0)  # [E]
+        averaged = self.engine.averaged  # probabilities averaged over views, not logits
+        for part in self.engine.batches(slices, request.slices):
+            start, b = part.start, part.size
+            if part.gate_sums is not None:
+                means = part.gate_sums.mean(0)  # [E]: the mean over blocks
                 gate_sum = means if gate_sum is None else gate_sum + means
                 gate_count += b
-            scores = unfit_logits(scores[:, class_index], plan, probabilities=averaged)  # [b, C, Y, X]
+            scores = unfit_logits(part.scores[:, class_index], plan, probabilities=averaged)  # [b, C, Y, X]
             labels[start : start + b] = class_argmax(scores, index_dtype).cpu().numpy()
             if probs_out is not None:
                 p = scores if averaged else scores.softmax(1)
                 probs_out[:, start : start + b] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
-        edges = edge_warnings(labels, plan, request["fov"])  # in the plan's (flipped) orientation
-        labels = flip_in_plane(labels, request["flip"])  # back to the file's own orientation
+        edges = edge_warnings(labels, plan, request.fov)  # in the plan's (flipped) orientation
+        labels = flip_in_plane(labels, request.flip)  # back to the file's own orientation
         if probs_out is not None:
-            probs_out = flip_in_plane(probs_out, request["flip"])
-        largest_only = request["largest_only"]
+            probs_out = flip_in_plane(probs_out, request.flip)
+        largest_only = request.largest_only
         if largest_only:
-            labels = keep_largest_components(labels, [request["classes"].index(c) for c in largest_only])
-        values = np.asarray(request["values"], dtype=np.uint8 if max(request["values"]) < 256 else np.int32)
+            labels = keep_largest_components(labels, [request.classes.index(c) for c in largest_only])
+        values = np.asarray(request.values, dtype=np.uint8 if max(request.values) < 256 else np.int32)
         experts = {}
         if gate_sum is not None:
             weights = (gate_sum / gate_count).tolist()
             experts = {m: round(w, 4) for m, w in zip(self.model.modalities, weights, strict=True)}
-        warnings = modality_warnings(volume, request["normalization"], self.model.modalities) + edges
+        warnings = modality_warnings(volume, request.normalization, self.model.modalities) + edges
         warnings += header_warnings(volume)
         return Prediction(
-            values[labels], request["classes"], request["values"], experts, probs_out, warnings, largest_only
+            values[labels], request.classes, request.values, experts, probs_out, warnings, largest_only
         )
 
 
@@ -354,7 +313,6 @@ def edge_warnings(labels: np.ndarray, plan: SlicePlan, fov: float) -> list[str]:
     ]
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -371,224 +329,3 @@ def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (without it, bf16 is slower than fp32)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def output_name(path: Path) -> str:
-    """``case_0000.nii.gz`` -> ``case.nii.gz`` (nnU-Net naming); a DICOM folder -> ``folder.nii.gz``."""
-    if path.is_dir():
-        return f"{path.name}.nii.gz"
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return re.sub(r"_\d{4}$", "", name) + ".nii.gz"
-
-
-def collect_inputs(path: Path) -> list[Path]:
-    """A file, a folder of image files, a DICOM series folder, or a folder of DICOM series folders."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise PredictError(f"{path}: no such file or folder")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES[:-1]))
-    if files:
-        return files
-    if _has_dicom(path):
-        return [path]
-    series = sorted(p for p in path.iterdir() if p.is_dir() and _has_dicom(p))
-    if not series:
-        raise PredictError(f"{path}: no images (NIfTI, NRRD, MHA) or DICOM series found")
-    return series
-
-
-def _has_dicom(folder: Path) -> bool:
-    import SimpleITK as sitk
-
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-
-
-@dataclass
-class PredictReport:
-    written: list[Path] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
-    experts: dict[str, dict[str, float]] = field(default_factory=dict)
-    warnings: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def predict_paths(
-    predictor: Predictor,
-    inputs: list[Path],
-    out_dir: Path,
-    dataset: str | None = None,
-    modality: str | None = None,
-    probabilities: bool = False,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> PredictReport:
-    """Predict every input; a file that fails is reported and skipped, the others are written.
-
-    ``out_dir`` must be new, empty or an earlier m4oe predictions folder; files already there are
-    replaced only with ``overwrite`` (all of this is checked before any volume is read).
-
-    Reading (and checking) the next volume and writing the previous result run on two background
-    threads while the model predicts the current volume, so that a folder of scans is not bound by
-    file I/O (on a GPU the model is the small part). At most one volume is read ahead and one result
-    waits to be written, so memory stays that of about three volumes.
-    """
-    from tqdm.auto import tqdm
-
-    predictor.resolve(dataset, modality)  # a bad request fails before any file is read
-    out_dir = Path(out_dir)
-    check_output_names(inputs, out_dir)
-    check_existing_outputs(inputs, out_dir, probabilities, overwrite)
-    mark_output_dir(out_dir, "predictions")
-    outcomes: list[str | tuple[Future, dict]] = []  # per input: why it failed, or (its write, expert weights)
-    report = PredictReport()
-    with ThreadPoolExecutor(1, "m4oe-read") as reader, ThreadPoolExecutor(1, "m4oe-write") as writer:
-        loading = reader.submit(_load, inputs[0]) if inputs else None
-        writing = None
-        for i, path in enumerate(tqdm(inputs, desc="predicting", unit="volume", disable=None if progress else True)):
-            current, loading = loading, reader.submit(_load, inputs[i + 1]) if i + 1 < len(inputs) else None
-            try:
-                volume = current.result()
-                result = predictor.predict_volume(volume, dataset, modality, probabilities)
-            except PREDICT_FAILURES as err:
-                outcomes.append(str(err))
-                continue
-            if writing is not None:
-                wait([writing])  # one result waits behind the one being written, no more
-            writing = writer.submit(_write, out_dir / output_name(path), volume, result)
-            outcomes.append((writing, result.expert_weights))
-            report.warnings += [(path, text) for text in result.warnings]
-    for path, outcome in zip(inputs, outcomes, strict=True):
-        if isinstance(outcome, str):
-            report.failed.append((path, outcome))
-            continue
-        try:
-            report.written.append(outcome[0].result())
-            report.experts[str(path)] = outcome[1]
-        except PREDICT_FAILURES as err:
-            report.failed.append((path, str(err)))
-    return report
-
-
-def check_output_names(inputs: list[Path], out_dir: Path) -> None:
-    """Refuse inputs whose label maps would overwrite each other (``case_0000.nii.gz``,
-    ``case_0001.nii.gz`` and ``case.mha`` all give ``case.nii.gz``), and writing into a folder of
-    inputs (the next run would read the label maps back in as images)."""
-    targets: dict[str, list[Path]] = {}
-    for path in inputs:
-        targets.setdefault(output_name(path), []).append(path)
-    clashes = {name: paths for name, paths in targets.items() if len(paths) > 1}
-    if clashes:
-        name, paths = next(iter(clashes.items()))
-        raise PredictError(
-            f"{len(clashes)} output name(s) would be written twice, e.g. {name} from "
-            f"{', '.join(p.name for p in paths)}: predict these inputs into separate folders"
-        )
-    roots = {root for root in map(dataset_root, inputs) if root is not None}  # their nnU-Net dataset folders
-    try:
-        check_output_dir(out_dir, "predictions", [*inputs, *roots])
-    except OutputError as err:
-        raise PredictError(str(err)) from None
-
-
-def output_files(path: Path, out_dir: Path, probabilities: bool) -> list[Path]:
-    """Every file predicting ``path`` into ``out_dir`` may write (the label map as NIfTI or, for a
-    sheared direction, MetaImage; the probabilities)."""
-    name = output_name(path)
-    files = [out_dir / name, out_dir / name.replace(".nii.gz", ".mha")]
-    if probabilities:
-        files.append(probabilities_path(out_dir / name))
-    return files
-
-
-def check_existing_outputs(inputs: list[Path], out_dir: Path, probabilities: bool, overwrite: bool) -> None:
-    """Refuse to replace files a prediction would write over, unless ``overwrite``."""
-    if overwrite:
-        return
-    existing = [f for p in inputs for f in output_files(p, Path(out_dir), probabilities) if f.exists()]
-    if existing:
-        raise PredictError(
-            f"-o {out_dir}: {len(existing)} output file(s) exist already, e.g. {existing[0].name}: pass --overwrite "
-            "to replace them, or choose another -o folder"
-        )
-
-
-def probabilities_path(label_path: Path) -> Path:
-    """``case.nii.gz`` / ``case.mha`` -> ``case_probabilities.npz``."""
-    name = label_path.name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else label_path.stem
-    return label_path.with_name(f"{stem}_probabilities.npz")
-
-
-PREDICT_FAILURES = (ImageReadError, ValueError, RuntimeError, OSError)  # reported per file; other errors stop
-
-
-def _load(path: Path) -> Volume:
-    if not path.is_file():  # a DICOM series folder: nothing for check_file to check
-        return read_volume(path)
-    with ThreadPoolExecutor(1, "m4oe-check") as pool:
-        problems = pool.submit(check_file, path)  # nibabel's pass over the file, beside SimpleITK's
-        try:
-            volume, read_error = read_volume(path), None
-        except PREDICT_FAILURES as err:
-            volume, read_error = None, err
-        if problems.result():  # its message is the more precise one (truncation, NaN)
-            raise ImageReadError("; ".join(problems.result()))
-    if read_error is not None:
-        raise read_error
-    return volume
-
-
-def _write(target: Path, volume: Volume, result: Prediction) -> Path:
-    if not volume.geometry.orthonormal():
-        # NIfTI stores only rotations: ITK would write another direction. MetaImage keeps it exactly.
-        target = target.with_name(target.name.replace(".nii.gz", ".mha"))
-    dtype = np.uint8 if max(result.label_values) < 256 else np.uint16
-    if target.name.endswith(".nii.gz") and volume.source is not None and negative_voxel_sizes(volume.source):
-        labels = in_file_order(result.labels[None].astype(dtype), volume.geometry, volume.orientation)[0]
-        write_like_nifti(labels, volume.source, target)  # ITK would write positive sizes and a mirrored direction
-    else:
-        write_volume(result.labels.astype(dtype), volume.geometry, target, volume.orientation)
-    if result.probabilities is not None:
-        geometry = volume.geometry
-        _save_npz(
-            probabilities_path(target),
-            probabilities=in_file_order(result.probabilities, geometry, volume.orientation),
-            classes=np.array(result.class_names),
-            label_values=np.array(result.label_values),
-            axes=np.array(PROBABILITY_AXES),
-            spacing=np.array(geometry.spacing),
-            origin=np.array(geometry.origin),
-            direction=np.array(geometry.direction),
-        )
-    return target
-
-
-# the layout of ``CASE_probabilities.npz``, as docs/prediction.md and the README describe it
-PROBABILITY_AXES = "class, z, y, x: the voxel order of the label map file (SimpleITK's GetArrayFromImage)"
-
-
-def in_file_order(probabilities: np.ndarray, geometry, orientation: str) -> np.ndarray:
-    """``[class, z, y, x]`` probabilities from the canonical (LPS) order into the file's own voxel
-    order, the order in which the label map written beside them is stored."""
-    import SimpleITK as sitk
-
-    from ..data.io import from_canonical
-
-    def reorder(channel: np.ndarray) -> np.ndarray:
-        wide = channel.astype(np.float32) if channel.dtype == np.float16 else channel  # ITK has no float16
-        return sitk.GetArrayFromImage(from_canonical(wide, geometry, orientation)).astype(channel.dtype)
-
-    return np.stack([reorder(p) for p in probabilities])
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-            np.savez_compressed(f, **arrays)
-
-    atomic_write(path, write)

@@ -5,7 +5,7 @@ from .convnext_unet import ConvNeXtUNet
 from .dense_init import init_from_dense
 from .moe import DenseMLP, MoEMLP
 from .presets import PRESETS, create_model, forward_flops, model_info, parameter_counts
-from .unet import M4oEUNet
+from .swin_unet import M4oEUNet
 
 __all__ = [
     "PRESETS",

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, build_vocabulary
 from .checks import check_index_range
-from .swin import make_mlp_factory
+from .layers import make_mlp_factory
 
 
 class SegmentationModel(nn.Module):
@@ -75,6 +75,23 @@ class SegmentationModel(nn.Module):
     @property
     def num_experts(self) -> int:
         return len(self.modalities)
+
+    def moe_parameter_roles(self) -> dict[str, str]:
+        """Full parameter name -> role (see :meth:`MoEMLP.parameter_roles`) for every M4oE layer."""
+        from .moe import MoEMLP
+
+        roles = {}
+        for prefix, module in self.named_modules():
+            if isinstance(module, MoEMLP):
+                roles.update({f"{prefix}.{name}": role for name, role in module.parameter_roles().items()})
+        return roles
+
+    def expert_parameter_names(self) -> set[str]:
+        return {name for name, role in self.moe_parameter_roles().items() if role == "expert"}
+
+    def gate_parameter_names(self) -> set[str]:
+        """The gates' weights and biases and the modality embeddings (what soft routing alone trains)."""
+        return {name for name, role in self.moe_parameter_roles().items() if role != "expert"}
 
     def set_routing(self, routing: str) -> None:
         """Change the routing mode of every M4oE layer (e.g. ``hard`` for fast inference)."""

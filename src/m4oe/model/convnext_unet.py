@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .base import SegmentationModel, init_weights, start_from_centre_slice
 from .head import DynamicHead
-from .swin import DropPath
+from .layers import DropPath
 
 
 class InstanceNormLast(nn.Module):

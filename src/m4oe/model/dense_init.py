@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .moe import MoEMLP
-from .unet import M4oEUNet
+from .swin_unet import M4oEUNet
 
 
 @torch.no_grad()
@@ -30,6 +30,7 @@ def init_from_dense(
     """
     report: dict[str, list[str]] = {"copied": [], "experts": [], "skipped": []}
     own = dict(model.named_parameters())
+    gates = model.gate_parameter_names()
     for name, module in model.named_modules():
         if not isinstance(module, MoEMLP):
             continue
@@ -51,7 +52,7 @@ def init_from_dense(
         elif key in dense_state and dense_state[key].shape == value.shape:
             value.copy_(dense_state[key])
             report["copied"].append(key)
-        elif not key.endswith(("gate.weight", "gate.bias", "modality_embed.weight")):
+        elif key not in gates:
             report["skipped"].append(key)
     return report
 

@@ -99,15 +99,16 @@ def load_pretrained(model: SegmentationModel, pretrained: SegmentationModel) -> 
     expert_map = [pretrained.modalities.index(m) if m in pretrained.modalities else -1 for m in model.modalities]
     report["new_experts"] = [m for m, j in zip(model.modalities, expert_map, strict=True) if j < 0]
     prefixes = model.encoder_prefixes
+    experts, gates = model.expert_parameter_names(), model.gate_parameter_names()
     for name, param in model.named_parameters():
         if not name.startswith(prefixes) or name not in source:
             continue
-        if name.endswith((".mlp.w1", ".mlp.b1", ".mlp.w2", ".mlp.b2")) and param.shape[0] == len(expert_map):
+        if name in experts and param.shape[0] == len(expert_map):
             for e, j in enumerate(expert_map):
                 if j >= 0 and param[e].shape == source[name][j].shape:
                     param[e].copy_(source[name][j])
             report["encoder"].append(name)
-        elif ".gate." in name or "modality_embed" in name:
+        elif name in gates:
             continue
         elif param.shape == source[name].shape:
             param.copy_(source[name])
@@ -120,10 +121,11 @@ def load_pretrained(model: SegmentationModel, pretrained: SegmentationModel) -> 
 def mirror_encoder_to_decoder(model: SegmentationModel) -> list[str]:
     """Copy each encoder stage's blocks into the decoder level of the same width, where shapes match."""
     copied = []
+    gates = model.gate_parameter_names()
     for level, stage in enumerate(model.decoder):
         encoder_params = dict(model.encoder[level].named_parameters())
         for name, param in stage.named_parameters():
-            if ".gate." in name or "modality_embed" in name:
+            if f"decoder.{level}.{name}" in gates:
                 continue
             twin = encoder_params.get(name)
             if twin is not None and twin.shape == param.shape:

@@ -103,6 +103,17 @@ class MoEMLP(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}, routing={self.routing}"
 
+    def parameter_roles(self) -> dict[str, str]:
+        """What each parameter is, by its name in this module: ``expert`` (stacked over the experts
+        along dim 0), ``gate_weight`` and ``gate_bias`` (one row per expert), ``modality_embedding``
+        (one row per modality). Code that grows, freezes or copies experts and gates asks this,
+        rather than matching names."""
+        roles = {"w1": "expert", "b1": "expert", "w2": "expert", "b2": "expert",
+                 "gate.weight": "gate_weight", "gate.bias": "gate_bias"}  # fmt: skip
+        if self.modality_embed is not None:
+            roles["modality_embed.weight"] = "modality_embedding"
+        return roles
+
     def gate_weights(self, x: Tensor, modality: Tensor | None) -> Tensor:
         """Softmax over experts of the gate's logits, per token: ``[B, L, E]``."""
         gate_in = x

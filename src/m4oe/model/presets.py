@@ -11,7 +11,7 @@ from ..config import PRESETS, ModelConfig, preset_config
 from .base import SegmentationModel
 from .convnext_unet import ConvNeXtUNet
 from .moe import MoEMLP
-from .unet import M4oEUNet
+from .swin_unet import M4oEUNet
 
 __all__ = ["PRESETS", "build_model", "create_model", "forward_flops", "model_info", "parameter_counts", "preset_config"]
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .moe import DenseMLP, MoEMLP
+from ..config.choices import ATTENTION_KERNELS
+from .layers import DropPath
 
 
 def window_partition(x: Tensor, window: int) -> Tensor:
@@ -48,21 +49,6 @@ def shifted_window_mask(H: int, W: int, window: int, shift: int) -> Tensor:
     return torch.zeros(different.shape).masked_fill(different, -100.0)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch of a sample with probability ``p``."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
-
-
-ATTENTION_KERNELS = ("sdpa", "explicit")
 
 
 def set_attention_kernel(kernel: str) -> None:
@@ -247,27 +233,3 @@ class SwinStage(nn.Module):
             if gates is not None and block_gates is not None:
                 gates.append(block_gates)
         return x
-
-
-def make_mlp_factory(
-    mlp_ratio: float,
-    num_experts: int,
-    moe: bool,
-    compute_matched: bool,
-    routing: str,
-    gate_modality: bool,
-    closed: tuple[tuple[int, int], ...] = (),
-    matched_experts: int = 0,
-):
-    """A function ``dim -> nn.Module`` building the MLP of a block (dense or M4oE). Compute-matched
-    experts are sized for ``matched_experts`` experts (0: ``num_experts``)."""
-
-    def make(dim: int) -> nn.Module:
-        hidden = int(dim * mlp_ratio)
-        if not moe:
-            return DenseMLP(dim, hidden)
-        if compute_matched:
-            hidden = max(1, round(hidden / (matched_experts or num_experts)))
-        return MoEMLP(dim, hidden, num_experts, routing=routing, gate_modality=gate_modality, closed=closed)
-
-    return make

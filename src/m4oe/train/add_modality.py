@@ -14,7 +14,7 @@ Two ways to train it:
   so an old dataset's input meets exactly the old weights under soft routing as well: its output is
   the old model's up to float rounding (bitwise under hard routing). Without the closure the new gate
   row, trained on the new modality alone, learnt to take a large share of old tokens too: in the CPU
-  pilot of docs/results.md CHAOS validation Dice fell from 31.1 to 8.7 after adding cine MRI.
+  pilot (docs/results.md, section 7) CHAOS validation Dice fell from 31.1 to 8.7 after adding cine MRI.
 * full fine-tuning: everything learns, with the old datasets replayed when the config lists them.
 """
 
@@ -65,6 +65,7 @@ def grow_model(
     new_state = model.state_dict()
     old_state = old.state_dict()
     old_classes = [model.class_names.index(c) for c in old.class_names]
+    roles = model.moe_parameter_roles()
     with torch.no_grad():
         for name, value in new_state.items():
             if name not in old_state:
@@ -76,13 +77,11 @@ def grow_model(
                 value[old_classes] = source
             elif source.shape == value.shape:
                 value.copy_(source)
-            elif name.endswith(
-                ("mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2", "gate.weight", "gate.bias", "modality_embed.weight")
-            ):
+            elif name in roles:  # stacked over experts (or modalities): the old rows, then the new one
                 value[: source.shape[0]] = source
-                if name.endswith("gate.weight"):
+                if roles[name] == "gate_weight":
                     value[source.shape[0] :] = 0.0
-                elif name.endswith("gate.bias"):
+                elif roles[name] == "gate_bias":
                     value[source.shape[0] :] = NEW_GATE_BIAS
             else:
                 raise ValueError(f"cannot grow parameter {name}: {tuple(source.shape)} -> {tuple(value.shape)}")
@@ -136,9 +135,10 @@ def freeze_old(model: SegmentationModel, old_classes: int, old_experts: int):
     handles = []
     new_classes = torch.ones(model.head.num_classes, dtype=torch.bool)
     new_classes[:old_classes] = False  # new classes are appended after the old vocabulary
+    stacked = model.moe_parameter_roles()  # one row per expert (or modality) along dim 0
     for name, param in model.named_parameters():
         keep = None
-        if name.endswith(("mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2", "gate.weight", "gate.bias", "modality_embed.weight")):
+        if name in stacked:
             keep = torch.zeros(param.shape[0], dtype=torch.bool)
             keep[old_experts:] = True
         elif name == "head.proj.weight":
@@ -266,8 +266,9 @@ def _pretrain_new_expert(model: SegmentationModel, experiment, cache: SliceCache
     config = experiment.training
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     partial, handles = freeze_old(model, model.head.num_classes, model.num_experts - 1)
+    experts = model.expert_parameter_names()
     for name, p in model.named_parameters():  # MAE trains the new expert only
-        if not name.endswith(("mlp.w1", "mlp.b1", "mlp.w2", "mlp.b2")):
+        if name not in experts:
             p.requires_grad_(False)
     task = NewExpertMAETask(model, cache, config.mask_ratio, config.norm_pix_loss, partial)
     new_modality = cache.modalities.index(model.modalities[-1])

@@ -10,11 +10,13 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, DatasetConfig, ExperimentConfig, experiment_to_dict
+from ..data.cache_format import read_meta
 from ..data.loader import SliceCache
 from ..files import check_output_dir, mark_output_dir, write_text
 from ..model.base import SegmentationModel
 from ..model.presets import create_model, preset_config
-from .loop import STATE_FILE, RunExists, Runtime, _barrier
+from .checkpoint import STATE_FILE, RunExists
+from .runtime import Runtime, barrier
 
 
 def default_cache_dir(experiment: ExperimentConfig) -> Path:
@@ -101,7 +103,7 @@ def ensure_cache(
         result = prepare(experiment, cache_dir, img_size=img_size, progress=progress, output_option=option)
         for warning in result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-    _barrier(runtime)
+    barrier(runtime)
     cache = SliceCache(cache_dir)
     if cache.img_size != img_size:
         raise ConfigError(f"{cache_dir}: cache slices are {cache.img_size} px but the model takes {img_size} px")
@@ -111,11 +113,8 @@ def ensure_cache(
 def _reuse_as_is(experiment: ExperimentConfig, cache_dir: Path) -> bool:
     """A complete cache is used without re-preparing when it holds more datasets than the config
     (a run on a subset) or when the raw data is not on this machine (a cache carried to a GPU)."""
-    meta_path = cache_dir / "meta.json"
-    if not meta_path.is_file():
-        return False
-    meta = json.loads(meta_path.read_text())
-    if not meta.get("complete"):
+    meta = read_meta(cache_dir)
+    if meta is None or not meta.get("complete"):
         return False
     held = {d["name"] for d in meta["datasets"]}
     wanted = _dataset_names(experiment)

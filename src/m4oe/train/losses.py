@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config.choices import DICE_MODES
 from ..model.head import class_argmax
 
 SMOOTH = 1e-5
@@ -96,7 +97,6 @@ def _one_hot(index: Tensor, classes: int) -> Tensor:
     return index.unsqueeze(1) == torch.arange(classes, device=index.device).view(1, -1, 1, 1)
 
 
-DICE_MODES = ("sample", "batch", "batch_present")
 
 
 def segmentation_loss(

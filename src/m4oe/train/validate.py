@@ -19,8 +19,9 @@ import math
 import numpy as np
 import torch
 
-from ..data.loader import SliceCache, stack_slice_context
+from ..data.loader import SliceCache
 from ..data.postprocess import keep_largest_components
+from ..infer.engine import SliceEngine, SliceRequest
 from ..model.base import SegmentationModel
 from ..model.head import class_argmax
 
@@ -78,6 +79,7 @@ def validate(
     names = cache.dataset_names
     class_names = cache.class_names
     per_case, gate_sums, gate_counts = [], {}, {}
+    engine = SliceEngine(model, device, batch_size, autocast=autocast)  # the model's own dtype: fp32
     for case in cache.cases(split):
         d = names.index(case["dataset"])
         if dataset_map is not None and d not in dataset_map:
@@ -87,20 +89,13 @@ def validate(
         modality = int(cache.index["modality"][start])
         model_d = dataset_map[d] if dataset_map else d
         model_m = modality_map[modality] if modality_map else modality
-        inputs = stack_slice_context(torch.from_numpy(images), model.config.slice_context)
         preds = []
-        for i in range(0, n, batch_size):
-            chunk = inputs[i : i + batch_size].to(device)
-            b = chunk.shape[0]
-            ds = torch.full((b,), model_d, dtype=torch.long, device=device)
-            with autocast():
-                logits, gates = model(chunk, model_m, ds, return_gates=True)
-            preds.append(class_argmax(logits).cpu())
-            if gates:
-                means = torch.stack([g.float().mean(dim=1).sum(0) for g in gates]).cpu()  # [blocks, E]
+        for part in engine.batches(torch.from_numpy(images), SliceRequest(model_m, model_d)):
+            preds.append(class_argmax(part.scores).cpu())
+            if part.gate_sums is not None:
                 key = cache.modalities[modality]
-                gate_sums[key] = gate_sums.get(key, 0) + means
-                gate_counts[key] = gate_counts.get(key, 0) + b
+                gate_sums[key] = gate_sums.get(key, 0) + part.gate_sums.cpu()  # [blocks, E]
+                gate_counts[key] = gate_counts.get(key, 0) + part.size
         pred = torch.cat(preds).numpy()
         if class_map is not None:
             pred = class_map[pred]

@@ -21,18 +21,12 @@ from ..model.head import class_argmax
 def gate_maps(predictor: Predictor, volume, dataset: str | None, modality: str | None):
     """Per block: gates of every slice ``[Z, L, E]``; plus the fitted slices and their predictions."""
     request = predictor.resolve(dataset, modality)
-    model, device = predictor.model, predictor.device
-    slices, _ = predictor.prepare(volume, request["normalization"], request["flip"], request["fov"])
+    slices, _ = predictor.prepare(volume, request.normalization, request.flip, request.fov)
     per_block: list[list[torch.Tensor]] = []
     preds = []
-    for start in range(0, slices.shape[0], predictor.batch_size):
-        batch = predictor.model_input(slices, start).to(device, predictor.dtype)
-        b = batch.shape[0]
-        mod = request["modality"]
-        ds = None if request["dataset"] is None else torch.full((b,), request["dataset"], device=device)
-        logits, gates = model(batch, mod, ds, return_gates=True)
-        preds.append(class_argmax(logits).cpu())
-        for i, g in enumerate(gates):
+    for part in predictor.engine.batches(slices, request.slices):
+        preds.append(class_argmax(part.scores).cpu())
+        for i, g in enumerate(part.gates):
             if len(per_block) <= i:
                 per_block.append([])
             per_block[i].append(g.float().cpu())

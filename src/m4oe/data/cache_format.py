@@ -1,0 +1,179 @@
+"""The slice cache on disk, in one place: its files, how they are written and how they are opened.
+
+A cache is a folder holding
+
+* ``images.npy`` ``[N, S, S]`` (float16, or uint8 with a per-slice affine) and ``labels.npy``
+  ``[N, S, S]`` uint8 (union-vocabulary class indices), both memory-mapped;
+* ``index.npz``: per slice the fields of :data:`INDEX_FIELDS`;
+* ``meta.json``: vocabulary, label sets, modalities, per-dataset settings and normalisation, every
+  case's files, geometry and slice plan, a fingerprint of the inputs, and ``complete: true`` once
+  everything else is written.
+
+``m4oe prepare`` writes it (:mod:`m4oe.data.prepare`), :class:`m4oe.data.loader.SliceCache` reads it,
+and :func:`synthetic_cache` writes a random one for benchmarks on machines without the data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datasets import assign_folds
+
+FORMAT = 1
+IMAGES, LABELS, INDEX, META = "images.npy", "labels.npy", "index.npz", "meta.json"
+FILES = (IMAGES, LABELS, INDEX, META)
+INDEX_FIELDS = {  # name -> dtype of its per-slice array
+    "dataset": np.int16, "modality": np.int16, "labeled": bool, "case": np.int32, "z": np.int32,
+    "foreground": np.float32, "scale": np.float32, "offset": np.float32,
+}  # fmt: skip
+
+
+def create_arrays(folder: Path, storage: str, slices: int, size: int) -> tuple[Path, Path]:
+    """Empty ``images.npy`` (``storage`` dtype) and ``labels.npy`` of ``slices`` slices, on disk."""
+    images, labels = folder / IMAGES, folder / LABELS
+    np.lib.format.open_memmap(images, "w+", np.dtype(storage), (slices, size, size)).flush()
+    np.lib.format.open_memmap(labels, "w+", np.uint8, (slices, size, size)).flush()
+    return images, labels
+
+
+def open_arrays(folder: Path, mode: str = "r") -> tuple[np.ndarray, np.ndarray]:
+    """The memory-mapped images and labels (``mode`` ``r+`` to fill them)."""
+    return np.load(folder / IMAGES, mmap_mode=mode), np.load(folder / LABELS, mmap_mode=mode)
+
+
+def write_index(folder: Path, **arrays: np.ndarray) -> None:
+    """``index.npz`` from exactly the per-slice arrays of :data:`INDEX_FIELDS`."""
+    if set(arrays) != set(INDEX_FIELDS):
+        raise ValueError(f"index fields {sorted(arrays)} are not {sorted(INDEX_FIELDS)}")
+    np.savez(folder / INDEX, **{name: np.asarray(arrays[name], INDEX_FIELDS[name]) for name in INDEX_FIELDS})
+
+
+def read_index(folder: Path) -> dict[str, np.ndarray]:
+    with np.load(folder / INDEX) as index:
+        return {key: index[key] for key in index.files}
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """``meta.json``, written last: ``complete`` says that everything else is in place."""
+    (folder / META).write_text(json.dumps({**meta, "format": FORMAT, "complete": True}, indent=1))
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    """The cache's ``meta.json``, or None where there is none (or it is unreadable)."""
+    try:
+        return json.loads((folder / META).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def build_meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary, modalities,
+               fingerprints: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    """``meta.json``'s content (the caller adds size, storage, fingerprint and warnings): vocabulary,
+    label sets, modalities, each dataset's settings, statistics and fingerprint, each case's files,
+    geometry, slice plan and fold."""
+    folds = {}
+    for source in sources:
+        folds[source.name] = assign_folds([c.case_id for c in source.cases], source.split, str(source.root))
+    cases = []
+    for i, ((source, case), chk, wr) in enumerate(zip(pairs, checks, written, strict=True)):
+        cases.append(
+            {
+                "dataset": source.name,
+                "case_id": case.case_id,
+                "image": str(case.image),
+                "label": str(case.label) if case.label is not None else None,
+                "geometry": chk["geometry"],
+                "orientation": chk["orientation"],
+                "spacing_zyx": list(chk["spacing"]),
+                "shape_zyx": list(chk["shape"]),
+                "plan": wr["plan"],
+                "slice_start": int(starts[i]),
+                "num_slices": int(chk["shape"][0]),
+                "fold": folds[source.name][case.case_id],
+            }
+        )
+    datasets = [
+        {
+            "name": s.name,
+            "path": str(s.root),
+            "modality": s.modality,
+            "labeled": s.labeled,
+            "label_values": {s.label_map.get(n, n): v for n, v in s.label_values.items()} if s.labeled else {},
+            "source_label_values": s.label_values,
+            "label_map": s.label_map,
+            "normalization": stats[s.name],
+            "flip": list(s.flip),
+            "fov": s.fov,
+            "fingerprint": fingerprints[s.name],
+            "split": {
+                "folds": s.split.folds,
+                "fold": s.split.fold,
+                "seed": s.split.seed,
+                "group_pattern": s.split.group_pattern,
+                "val": list(s.split.val) if s.split.val else None,
+            },
+            "num_cases": len(s.cases),
+        }  # fmt: skip
+        for s in sources
+    ]
+    return {
+        "modalities": modalities,
+        "class_names": vocabulary,
+        "label_sets": label_sets,
+        "datasets": datasets,
+        "cases": cases,
+    }
+
+
+def write_slice_index(folder: Path, sources, pairs, written, counts, modalities) -> None:
+    """``index.npz`` of the cases written by ``prepare``, in their order."""
+    names = [s.name for s in sources]
+
+    def per_slice(values, dtype) -> np.ndarray:
+        return np.repeat(np.asarray(values, dtype=dtype), counts)
+
+    write_index(
+        folder,
+        dataset=per_slice([names.index(s.name) for s, _ in pairs], np.int16),
+        modality=per_slice([modalities.index(s.modality) for s, _ in pairs], np.int16),
+        labeled=per_slice([s.labeled for s, _ in pairs], bool),
+        case=per_slice(range(len(pairs)), np.int32),
+        z=np.concatenate([np.arange(n, dtype=np.int32) for n in counts]),
+        foreground=np.concatenate([w["foreground"] for w in written]),
+        scale=per_slice([w["affine"][0] for w in written], np.float32),
+        offset=per_slice([w["affine"][1] for w in written], np.float32),
+    )
+
+
+def synthetic_cache(path: Path, slices: int, size: int = 224, datasets: int = 3) -> Path:
+    """A cache of random slices in the format ``m4oe prepare`` writes (benchmarks on machines without
+    the data): ``datasets`` datasets of one modality each, four classes, cases of 50 slices."""
+    rng = np.random.default_rng(0)
+    path.mkdir(parents=True, exist_ok=True)
+    create_arrays(path, "float16", slices, size)
+    images, labels = open_arrays(path, "r+")
+    for start in range(0, slices, 256):
+        n = min(256, slices - start)
+        images[start : start + n] = rng.standard_normal((n, size, size), dtype=np.float32)
+        labels[start : start + n] = rng.integers(0, 4, (n, size, size), dtype=np.uint8)
+    images.flush()
+    labels.flush()
+    del images, labels
+    dataset = np.arange(slices) % datasets
+    write_index(path, dataset=dataset, modality=dataset, labeled=np.ones(slices, bool), case=np.arange(slices) // 50,
+                z=np.arange(slices) % 50, foreground=rng.random(slices), scale=np.ones(slices),
+                offset=np.zeros(slices))  # fmt: skip
+    classes = ["background", "a", "b", "c"]
+    write_meta(path, {
+        "num_slices": slices, "img_size": size, "storage": "float16",
+        "modalities": [f"m{d}" for d in range(datasets)], "class_names": classes,
+        "label_sets": {f"d{d}": classes for d in range(datasets)},
+        "datasets": [{"name": f"d{d}", "weight": 1.0, "modality": f"m{d}", "normalization": {"scheme": "none"},
+                      "label_values": {"background": 0, "a": 1, "b": 2, "c": 3}} for d in range(datasets)],
+        "cases": [],
+    })  # fmt: skip
+    return path

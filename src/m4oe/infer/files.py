@@ -1,0 +1,246 @@
+"""Predicting folders of files: the inputs (files, folders, DICOM series), the output names and the
+rules of the output folder, and the pipeline that reads the next volume and writes the previous result
+while the model predicts the current one. The model's side is :class:`m4oe.infer.predict.Predictor`."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data.io import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    Volume,
+    check_file,
+    negative_voxel_sizes,
+    read_volume,
+    write_like_nifti,
+    write_volume,
+)
+from ..files import OutputError, atomic_write, check_output_dir, dataset_root, mark_output_dir
+from .predict import PredictError, Prediction, Predictor
+
+
+def output_name(path: Path) -> str:
+    """``case_0000.nii.gz`` -> ``case.nii.gz`` (nnU-Net naming); a DICOM folder -> ``folder.nii.gz``."""
+    if path.is_dir():
+        return f"{path.name}.nii.gz"
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"_\d{4}$", "", name) + ".nii.gz"
+
+
+def collect_inputs(path: Path) -> list[Path]:
+    """A file, a folder of image files, a DICOM series folder, or a folder of DICOM series folders."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise PredictError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES[:-1]))
+    if files:
+        return files
+    if _has_dicom(path):
+        return [path]
+    series = sorted(p for p in path.iterdir() if p.is_dir() and _has_dicom(p))
+    if not series:
+        raise PredictError(f"{path}: no images (NIfTI, NRRD, MHA) or DICOM series found")
+    return series
+
+
+def _has_dicom(folder: Path) -> bool:
+    import SimpleITK as sitk
+
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+@dataclass
+class PredictReport:
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    experts: dict[str, dict[str, float]] = field(default_factory=dict)
+    warnings: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def predict_paths(
+    predictor: Predictor,
+    inputs: list[Path],
+    out_dir: Path,
+    dataset: str | None = None,
+    modality: str | None = None,
+    probabilities: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> PredictReport:
+    """Predict every input; a file that fails is reported and skipped, the others are written.
+
+    ``out_dir`` must be new, empty or an earlier m4oe predictions folder; files already there are
+    replaced only with ``overwrite`` (all of this is checked before any volume is read).
+
+    Reading (and checking) the next volume and writing the previous result run on two background
+    threads while the model predicts the current volume, so that a folder of scans is not bound by
+    file I/O (on a GPU the model is the small part). At most one volume is read ahead and one result
+    waits to be written, so memory stays that of about three volumes.
+    """
+    from tqdm.auto import tqdm
+
+    predictor.resolve(dataset, modality)  # a bad request fails before any file is read
+    out_dir = Path(out_dir)
+    check_output_names(inputs, out_dir)
+    check_existing_outputs(inputs, out_dir, probabilities, overwrite)
+    mark_output_dir(out_dir, "predictions")
+    outcomes: list[str | tuple[Future, dict]] = []  # per input: why it failed, or (its write, expert weights)
+    report = PredictReport()
+    with ThreadPoolExecutor(1, "m4oe-read") as reader, ThreadPoolExecutor(1, "m4oe-write") as writer:
+        loading = reader.submit(_load, inputs[0]) if inputs else None
+        writing = None
+        for i, path in enumerate(tqdm(inputs, desc="predicting", unit="volume", disable=None if progress else True)):
+            current, loading = loading, reader.submit(_load, inputs[i + 1]) if i + 1 < len(inputs) else None
+            try:
+                volume = current.result()
+                result = predictor.predict_volume(volume, dataset, modality, probabilities)
+            except PREDICT_FAILURES as err:
+                outcomes.append(str(err))
+                continue
+            if writing is not None:
+                wait([writing])  # one result waits behind the one being written, no more
+            writing = writer.submit(_write, out_dir / output_name(path), volume, result)
+            outcomes.append((writing, result.expert_weights))
+            report.warnings += [(path, text) for text in result.warnings]
+    for path, outcome in zip(inputs, outcomes, strict=True):
+        if isinstance(outcome, str):
+            report.failed.append((path, outcome))
+            continue
+        try:
+            report.written.append(outcome[0].result())
+            report.experts[str(path)] = outcome[1]
+        except PREDICT_FAILURES as err:
+            report.failed.append((path, str(err)))
+    return report
+
+
+def check_output_names(inputs: list[Path], out_dir: Path) -> None:
+    """Refuse inputs whose label maps would overwrite each other (``case_0000.nii.gz``,
+    ``case_0001.nii.gz`` and ``case.mha`` all give ``case.nii.gz``), and writing into a folder of
+    inputs (the next run would read the label maps back in as images)."""
+    targets: dict[str, list[Path]] = {}
+    for path in inputs:
+        targets.setdefault(output_name(path), []).append(path)
+    clashes = {name: paths for name, paths in targets.items() if len(paths) > 1}
+    if clashes:
+        name, paths = next(iter(clashes.items()))
+        raise PredictError(
+            f"{len(clashes)} output name(s) would be written twice, e.g. {name} from "
+            f"{', '.join(p.name for p in paths)}: predict these inputs into separate folders"
+        )
+    roots = {root for root in map(dataset_root, inputs) if root is not None}  # their nnU-Net dataset folders
+    try:
+        check_output_dir(out_dir, "predictions", [*inputs, *roots])
+    except OutputError as err:
+        raise PredictError(str(err)) from None
+
+
+def output_files(path: Path, out_dir: Path, probabilities: bool) -> list[Path]:
+    """Every file predicting ``path`` into ``out_dir`` may write (the label map as NIfTI or, for a
+    sheared direction, MetaImage; the probabilities)."""
+    name = output_name(path)
+    files = [out_dir / name, out_dir / name.replace(".nii.gz", ".mha")]
+    if probabilities:
+        files.append(probabilities_path(out_dir / name))
+    return files
+
+
+def check_existing_outputs(inputs: list[Path], out_dir: Path, probabilities: bool, overwrite: bool) -> None:
+    """Refuse to replace files a prediction would write over, unless ``overwrite``."""
+    if overwrite:
+        return
+    existing = [f for p in inputs for f in output_files(p, Path(out_dir), probabilities) if f.exists()]
+    if existing:
+        raise PredictError(
+            f"-o {out_dir}: {len(existing)} output file(s) exist already, e.g. {existing[0].name}: pass --overwrite "
+            "to replace them, or choose another -o folder"
+        )
+
+
+def probabilities_path(label_path: Path) -> Path:
+    """``case.nii.gz`` / ``case.mha`` -> ``case_probabilities.npz``."""
+    name = label_path.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else label_path.stem
+    return label_path.with_name(f"{stem}_probabilities.npz")
+
+
+PREDICT_FAILURES = (ImageReadError, ValueError, RuntimeError, OSError)  # reported per file; other errors stop
+
+
+def _load(path: Path) -> Volume:
+    if not path.is_file():  # a DICOM series folder: nothing for check_file to check
+        return read_volume(path)
+    with ThreadPoolExecutor(1, "m4oe-check") as pool:
+        problems = pool.submit(check_file, path)  # nibabel's pass over the file, beside SimpleITK's
+        try:
+            volume, read_error = read_volume(path), None
+        except PREDICT_FAILURES as err:
+            volume, read_error = None, err
+        if problems.result():  # its message is the more precise one (truncation, NaN)
+            raise ImageReadError("; ".join(problems.result()))
+    if read_error is not None:
+        raise read_error
+    return volume
+
+
+def _write(target: Path, volume: Volume, result: Prediction) -> Path:
+    if not volume.geometry.orthonormal():
+        # NIfTI stores only rotations: ITK would write another direction. MetaImage keeps it exactly.
+        target = target.with_name(target.name.replace(".nii.gz", ".mha"))
+    dtype = np.uint8 if max(result.label_values) < 256 else np.uint16
+    if target.name.endswith(".nii.gz") and volume.source is not None and negative_voxel_sizes(volume.source):
+        labels = in_file_order(result.labels[None].astype(dtype), volume.geometry, volume.orientation)[0]
+        write_like_nifti(labels, volume.source, target)  # ITK would write positive sizes and a mirrored direction
+    else:
+        write_volume(result.labels.astype(dtype), volume.geometry, target, volume.orientation)
+    if result.probabilities is not None:
+        geometry = volume.geometry
+        _save_npz(
+            probabilities_path(target),
+            probabilities=in_file_order(result.probabilities, geometry, volume.orientation),
+            classes=np.array(result.class_names),
+            label_values=np.array(result.label_values),
+            axes=np.array(PROBABILITY_AXES),
+            spacing=np.array(geometry.spacing),
+            origin=np.array(geometry.origin),
+            direction=np.array(geometry.direction),
+        )
+    return target
+
+
+# the layout of ``CASE_probabilities.npz``, as docs/prediction.md and the README describe it
+PROBABILITY_AXES = "class, z, y, x: the voxel order of the label map file (SimpleITK's GetArrayFromImage)"
+
+
+def in_file_order(probabilities: np.ndarray, geometry, orientation: str) -> np.ndarray:
+    """``[class, z, y, x]`` probabilities from the canonical (LPS) order into the file's own voxel
+    order, the order in which the label map written beside them is stored."""
+    import SimpleITK as sitk
+
+    from ..data.io import from_canonical
+
+    def reorder(channel: np.ndarray) -> np.ndarray:
+        wide = channel.astype(np.float32) if channel.dtype == np.float16 else channel  # ITK has no float16
+        return sitk.GetArrayFromImage(from_canonical(wide, geometry, orientation)).astype(channel.dtype)
+
+    return np.stack([reorder(p) for p in probabilities])
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(path, write)
