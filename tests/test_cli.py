@@ -104,10 +104,9 @@ def test_predict_bad_routing_and_debug_traceback(tmp_path, monkeypatch, capsys):
 
     import pytest
 
-    from m4oe import cli
-    from m4oe.cli import main
+    from m4oe.cli import base, main
 
-    monkeypatch.setattr(cli, "DEBUG", False)  # main() sets it; restored after the test
+    monkeypatch.setattr(base, "DEBUG", False)  # main() sets it; restored after the test
     monkeypatch.setattr(sys, "argv", ["m4oe", *args, "--debug"])
     with pytest.raises(Exception, match="--routing 'bogus'"):  # --debug: the exception itself, for the traceback
         main()

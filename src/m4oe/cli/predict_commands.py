@@ -1,0 +1,146 @@
+"""``m4oe predict``, ``evaluate``, ``overlay`` and ``experts``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .base import app, console, fail, tagged
+
+
+def _angles(text: str | None) -> tuple[float, ...]:
+    """``--tta-rotate``'s comma-separated angles; anything else is a PredictError naming the option."""
+    from ..infer.predict import PredictError, check_rotations
+
+    if not text:
+        return ()
+    try:
+        return check_rotations([float(word) for word in text.split(",")])
+    except ValueError as err:  # a word that is not a number, or an angle out of range (PredictError)
+        detail = err if isinstance(err, PredictError) else "give angles in degrees separated by commas, e.g. 10,20"
+        raise PredictError(f"--tta-rotate {text!r}: {detail}") from None
+
+
+@app.command()
+def predict(
+    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder (e.g. RUN/best)."),
+    inputs: Path = typer.Option(..., "--input", "-i", help="Image file, folder of images, or DICOM series folder."),
+    out: Path = typer.Option(..., "--output", "-o", help="Folder for the label maps (NIfTI)."),
+    dataset: str = typer.Option(None, help="Label set and normalisation of this training dataset."),
+    modality: str = typer.Option(None, help="Expert of the input; without it the gate decides."),
+    tta: bool = typer.Option(False, help="Average with the left-right mirrored prediction."),
+    tta_rotate: str = typer.Option(
+        None, help="Also average over in-plane rotations by + and - each angle in degrees, e.g. 10,20 (5 views)."
+    ),
+    keep_largest: bool = typer.Option(False, help="Keep the largest connected component of every label."),
+    postprocess: bool = typer.Option(
+        True, help="With --dataset: keep the largest component of the labels where training's validation chose it."
+    ),
+    probabilities: bool = typer.Option(
+        False, help="Also write class probabilities (CASE_probabilities.npz: the label map's voxel order, geometry)."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace label maps (and probabilities) already in the -o folder."),
+    routing: str = typer.Option(None, help="Override routing: hard (one expert: faster), soft, uniform."),
+    batch_size: int = typer.Option(None, help="Slices per forward pass (default: 16 on a GPU, 8 on a CPU)."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    precision: str = typer.Option(
+        "auto", help="fp32, bf16, or auto: bf16 on a GPU or a CPU with bf16 instructions, else fp32."
+    ),
+) -> None:
+    """Segment volumes; label maps keep the input's spacing, origin and direction."""
+    from ..bundle import BundleError, load_bundle
+    from ..infer.files import collect_inputs, predict_paths
+    from ..infer.predict import PredictError, Predictor
+
+    try:
+        rotations = _angles(tta_rotate)
+        bundle = load_bundle(model)
+        predictor = Predictor(
+            bundle, device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing, precision=precision,
+            postprocess=postprocess, rotations=rotations,
+        )  # fmt: skip
+        largest_only = predictor.resolve(dataset, modality).largest_only
+        report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities,
+                               overwrite=overwrite)  # fmt: skip
+    except (BundleError, PredictError) as err:
+        fail(err)
+    if largest_only:
+        console.print(f"largest connected component only: {', '.join(largest_only)}")
+    for path, weights in report.experts.items():
+        if len(weights) > 1 and modality is None:
+            top = max(weights, key=weights.get)
+            detail = ", ".join(f"{m} {w:.2f}" for m, w in weights.items())
+            console.print(f"{Path(path).name}: expert {top} dominated (mean gate weight {detail})")
+    for path, text in report.warnings:
+        tagged("warning", "yellow", f"{path}: {text}")
+    for path, reason in report.failed:
+        tagged("skipped", "red", f"{path}: {reason}")
+    console.print(f"{len(report.written)} label maps written to {out}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    gt: Path = typer.Option(..., "--gt", help="Folder of reference label maps."),
+    pred: Path = typer.Option(..., "--pred", help="Folder of predicted label maps (same file names)."),
+    labels: Path = typer.Option(..., "--labels", help="dataset.json naming the labels."),
+    out: Path = typer.Option(Path("summary.json"), "--output", "-o", help="summary.json to write."),
+    nsd_tolerance: float = typer.Option(2.0, help="Surface Dice tolerance in mm."),
+    workers: int = typer.Option(2, help="Worker processes."),
+) -> None:
+    """Dice, IoU, HD95 (mm) and surface Dice per case and label: summary.json/.csv/.md + box plot."""
+    from ..eval.evaluate import EvaluationError, evaluate_folders, markdown_table
+
+    try:
+        summary = evaluate_folders(gt, pred, labels, out, nsd_tolerance, workers)
+    except EvaluationError as err:
+        fail(err)
+    console.print(markdown_table(summary))
+    console.print(f"written {out} (+ .csv, .md, _dice_boxplot.png)")
+
+
+@app.command()
+def overlay(
+    image: Path = typer.Option(..., "--image", "-i", help="Image volume."),
+    out: Path = typer.Option(..., "--output", "-o", help="PNG to write."),
+    gt: Path = typer.Option(None, "--gt", help="Reference label map."),
+    pred: Path = typer.Option(None, "--pred", help="Predicted label map."),
+    labels: Path = typer.Option(None, "--labels", help="dataset.json to name the labels in a legend."),
+) -> None:
+    """Image, reference and prediction through the organ centre: axial, coronal, sagittal."""
+    from ..data.io import ImageReadError
+    from ..eval.evaluate import read_labels_json
+    from ..viz.overlay import overlay_files
+
+    try:
+        names = read_labels_json(labels) if labels else None
+        path = overlay_files(image, out, gt, pred, names)
+    except (ImageReadError, ValueError) as err:
+        fail(err)
+    console.print(f"written {path}")
+
+
+@app.command()
+def experts(
+    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder."),
+    image: Path = typer.Option(..., "--input", "-i", help="Image volume or DICOM series folder."),
+    out: Path = typer.Option(..., "--output", "-o", help="Folder for experts.png / .csv / .md."),
+    dataset: str = typer.Option(None, help="Label set and normalisation of this training dataset."),
+    modality: str = typer.Option(None, help="Modality of the scan (for normalisation; the gate routes)."),
+    device: str = typer.Option(None, help="cpu or cuda."),
+) -> None:
+    """Maps of the expert the gate favours per token and block, and mean gate weight per expert."""
+    from ..bundle import BundleError, load_bundle
+    from ..data.io import ImageReadError
+    from ..infer.predict import PredictError, Predictor
+    from ..viz.experts import render_experts
+
+    try:
+        predictor = Predictor(load_bundle(model), device)
+        table = render_experts(predictor, image, out, dataset, modality)
+    except (BundleError, PredictError, ImageReadError, ValueError) as err:
+        fail(err)
+    weights = ", ".join(f"{m} {w:.3f}" for m, w in zip(predictor.model.modalities, table["all blocks"], strict=True))
+    console.print(f"mean gate weight over all blocks: {weights}; written {out / 'experts.png'}")
