@@ -78,3 +78,17 @@ def test_the_config_package_imports_nothing_above_it():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1, f"{path.name} imports from outside the config package: {node.module}"
+
+
+def test_presets_are_registered_by_their_architecture_modules():
+    from m4oe.config import PRESETS, ModelConfig, register_preset
+    from m4oe.model import convnext_unet, swin_unet
+
+    arch = {name: config.arch for name, config in PRESETS.items()}
+    assert arch == {"m4oe-t": "swin", "m4oe-t-lite": "swin", "swin-unet": "swin", "tiny": "swin",
+                    "m4oe-convnext-s": "convnext", "convnext-unet-s": "convnext"}  # fmt: skip
+    assert "register_preset(\"m4oe-t\"" in open(swin_unet.__file__).read()
+    assert "register_preset(\"m4oe-convnext-s\"" in open(convnext_unet.__file__).read()
+    assert register_preset("tiny", PRESETS["tiny"]) is PRESETS["tiny"]  # the same config again: a no-op
+    with pytest.raises(ValueError, match="registered twice"):
+        register_preset("tiny", ModelConfig())

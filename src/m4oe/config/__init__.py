@@ -11,7 +11,7 @@ from .experiment import (
     experiment_to_dict,
     parse_experiment,
 )
-from .model import PRESETS, ModelConfig, build_vocabulary, preset_config
+from .model import PRESETS, ModelConfig, build_vocabulary, preset_config, register_preset
 from .yaml_io import apply_overrides, load_experiment
 
 __all__ = [
@@ -31,4 +31,5 @@ __all__ = [
     "load_experiment",
     "parse_experiment",
     "preset_config",
+    "register_preset",
 ]

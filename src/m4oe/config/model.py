@@ -202,29 +202,18 @@ class ModelConfig:
         return ModelConfig.from_dict(base)
 
 
-PRESETS: dict[str, ModelConfig] = {
-    # The paper's model as the published code builds it: every expert as wide as the dense MLP.
-    "m4oe-t": ModelConfig(),
-    # Compute-matched experts (hidden 4C/E): total size close to the dense Swin-UNet.
-    "m4oe-t-lite": ModelConfig(compute_matched=True),
-    # The dense Swin-UNet baseline (no experts, no gate).
-    "swin-unet": ModelConfig(moe_encoder=False, moe_decoder=False),
-    # A small model for tests and CPU demos.
-    "tiny": ModelConfig(
-        img_size=128, embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0
-    ),
-    # M4oE on a ConvNeXt-block U-Net (full-resolution first level, deep supervision): learns from
-    # small data and small compute. Experts are compute-matched (hidden 3C/E each).
-    "m4oe-convnext-s": ModelConfig(
-        arch="convnext", img_size=128, embed_dim=16, depths=(0, 1, 2, 2, 2), kernel_size=3, mlp_ratio=3.0,
-        compute_matched=True, drop_path_rate=0.0, deep_supervision=True, init="kaiming",
-    ),
-    # Its dense twin (plain MLP in every block).
-    "convnext-unet-s": ModelConfig(
-        arch="convnext", img_size=128, embed_dim=16, depths=(0, 1, 2, 2, 2), kernel_size=3, mlp_ratio=3.0,
-        moe_encoder=False, moe_decoder=False, drop_path_rate=0.0, deep_supervision=True, init="kaiming",
-    ),
-}  # fmt: skip
+PRESETS: dict[str, ModelConfig] = {}
+"""Named model configs. Each architecture module registers its own (timm style: ``m4oe.model.swin_unet``
+registers ``m4oe-t`` and the Swin presets, ``m4oe.model.convnext_unet`` the ConvNeXt ones); importing
+``m4oe`` imports them all."""
+
+
+def register_preset(name: str, config: ModelConfig) -> ModelConfig:
+    """Make ``config`` available as ``name`` (to :func:`preset_config`, ``create_model`` and YAML files)."""
+    if PRESETS.get(name, config) != config:
+        raise ValueError(f"preset {name!r} is registered twice with different configs")
+    PRESETS[name] = config
+    return config
 
 
 def preset_config(preset: str, **overrides: Any) -> ModelConfig:

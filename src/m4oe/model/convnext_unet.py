@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..config.model import register_preset
 from .base import SegmentationModel, init_weights, start_from_centre_slice
 from .head import DynamicHead
 from .layers import DropPath
@@ -234,3 +235,12 @@ class ConvNeXtUNet(SegmentationModel):
             ]
             outputs = (*outputs, aux)
         return outputs if len(outputs) > 1 else logits
+
+
+# M4oE on a ConvNeXt-block U-Net (full-resolution first level, deep supervision): learns from small data
+# and small compute. Experts are compute-matched (hidden 3C/E each).
+_SMALL = dict(arch="convnext", img_size=128, embed_dim=16, depths=(0, 1, 2, 2, 2), kernel_size=3, mlp_ratio=3.0,
+              drop_path_rate=0.0, deep_supervision=True, init="kaiming")  # fmt: skip
+register_preset("m4oe-convnext-s", ModelConfig(**_SMALL, compute_matched=True))
+# Its dense twin (plain MLP in every block).
+register_preset("convnext-unet-s", ModelConfig(**_SMALL, moe_encoder=False, moe_decoder=False))

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..config.model import register_preset
 from .base import SegmentationModel, init_weights, start_from_centre_slice
 from .head import DynamicHead
 from .swin import PatchEmbed, PatchExpand, PatchMerging, SwinStage
@@ -114,3 +115,14 @@ class M4oEUNet(SegmentationModel):
         x, skips = self.encode(image, modality, routing, gates)
         logits = self.head(self.decode(x, skips, modality, routing, gates), dataset)
         return (logits, gates) if return_gates else logits
+
+
+# The paper's model as the published code builds it: every expert as wide as the dense MLP.
+register_preset("m4oe-t", ModelConfig())
+# Compute-matched experts (hidden 4C/E): total size close to the dense Swin-UNet.
+register_preset("m4oe-t-lite", ModelConfig(compute_matched=True))
+# The dense Swin-UNet baseline (no experts, no gate).
+register_preset("swin-unet", ModelConfig(moe_encoder=False, moe_decoder=False))
+# A small model for tests and CPU demos.
+register_preset("tiny", ModelConfig(img_size=128, embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                                    window_size=4, drop_path_rate=0.0))  # fmt: skip

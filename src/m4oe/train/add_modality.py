@@ -213,9 +213,7 @@ def run_add_modality(
         images = torch.from_numpy(cache.read_context(sample, old.config.slice_context)[0])
         init_new_expert(model, favoured_experts(old, images))
     no_decay = freeze_old(model, len(old.class_names), len(old.modalities))[0] if mode == "freeze_old" else []
-    routing = config.routing or model.config.routing
-    task = AddModalityTask(model, cache, routing, config.ce_weight, config.dice_weight, runtime.device,
-                           dice=config.dice, no_decay=no_decay)  # fmt: skip
+    task = AddModalityTask.from_config(model, cache, config, runtime.device, no_decay=no_decay)
     task.extra_datasets = {k: v for k, v in old.bundle_extra.get("datasets", {}).items() if k in old.label_sets}
     if mode == "freeze_old":  # the old experts, gates and classes are frozen: their choice still holds
         old_choice = old.bundle_extra.get("postprocessing", {}).get("keep_largest", {})

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bundle import BundleError, load_bundle
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, TrainConfig
 from ..data.datasets import DataError
 from ..data.loader import SliceCache
 from ..files import mark_output_dir, write_json
@@ -63,6 +63,14 @@ class SegmentationTask:
         self.postprocessing: dict[str, list[str]] = {}  # chosen by the latest validation
         self.carried_postprocessing: dict[str, list[str]] = {}  # of datasets the cache does not hold
         freeze_unused_gates(model, routing)
+
+    @classmethod
+    def from_config(cls, model: SegmentationModel, cache: SliceCache, config: TrainConfig, device: torch.device,
+                    **kwargs):  # fmt: skip
+        """The task as a run's training config sets it: routing, loss weights and Dice variant (every
+        workflow builds its task here, so none can leave a setting out)."""
+        routing = config.routing or model.config.routing
+        return cls(model, cache, routing, config.ce_weight, config.dice_weight, device, dice=config.dice, **kwargs)
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
         dataset = self.dataset_lut[batch["dataset"]]
@@ -203,9 +211,5 @@ def _task(experiment, cache, datasets, runtime: Runtime, pretrained):
     config = experiment.training
     torch.manual_seed(config.seed)
     model = model_for(experiment, cache, datasets)
-    routing = config.routing or model.config.routing
     report = load_pretrained(model, pretrained) if pretrained is not None else None
-    task = SegmentationTask(
-        model, cache, routing, config.ce_weight, config.dice_weight, runtime.device, dice=config.dice
-    )
-    return task, report
+    return SegmentationTask.from_config(model, cache, config, runtime.device), report
