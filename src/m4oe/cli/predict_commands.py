@@ -144,3 +144,40 @@ def experts(
         fail(err)
     weights = ", ".join(f"{m} {w:.3f}" for m, w in zip(predictor.model.modalities, table["all blocks"], strict=True))
     console.print(f"mean gate weight over all blocks: {weights}; written {out / 'experts.png'}")
+
+
+@app.command()
+def routing(
+    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder."),
+    cache: Path = typer.Option(..., "--cache", help="Slice cache with the cases to score (m4oe prepare)."),
+    out: Path = typer.Option(None, "--output", "-o", help="routing.json to write (routing.md beside it)."),
+    split: str = typer.Option("val", help="The cache's cases to use: val, train or all."),
+    batch_size: int = typer.Option(32, help="Slices per forward pass."),
+    device: str = typer.Option(None, help="cpu or cuda."),
+) -> None:
+    """Do the experts specialise by modality? Gate weights per block and modality, a specialisation
+    figure (0: one mixture for all, 1: an expert per modality), and Dice under soft, hard and uniform routing."""
+    from ..bundle import BundleError, check_segmentation_bundle, load_bundle
+    from ..data.datasets import DataError
+    from ..data.loader import SliceCache
+    from ..devices import resolve_device
+    from ..eval.routing import markdown, routing_report
+    from ..files import write_json, write_text
+
+    try:
+        if split not in ("val", "train", "all"):
+            raise ValueError(f"--split {split!r}: use val, train or all")
+        if out is not None and (out.suffix.lower() != ".json" or out.is_dir()):
+            raise ValueError(f"-o {out}: give a file name ending in .json (routing.md goes beside it)")
+        bundle = load_bundle(model)
+        check_segmentation_bundle(bundle, "--model")
+        target = resolve_device(device)
+        report = routing_report(bundle.to(target).eval(), SliceCache(cache), target, batch_size, split)
+    except (BundleError, DataError, ValueError) as err:
+        fail(err)
+    text = markdown(report)
+    console.print(text)
+    if out is not None:
+        write_json(out, report, indent=2)
+        write_text(out.with_suffix(".md"), text)
+        console.print(f"written {out} and {out.with_suffix('.md')}")

@@ -86,6 +86,16 @@ class SegmentationModel(nn.Module):
                 roles.update({f"{prefix}.{name}": role for name, role in module.parameter_roles().items()})
         return roles
 
+    def gate_names(self) -> list[str]:
+        """Names of the M4oE blocks in the order their gates are returned (``enc{stage}.{block}``, then
+        ``dec{level}.{block}`` as the decoder runs, deepest level first)."""
+        names = []
+        for i, stage in enumerate(self.encoder):
+            names += [f"enc{i}.{j}" for j, block in enumerate(stage.blocks) if hasattr(block.mlp, "gate")]
+        for i in reversed(range(len(self.decoder))):
+            names += [f"dec{i}.{j}" for j, block in enumerate(self.decoder[i].blocks) if hasattr(block.mlp, "gate")]
+        return names
+
     def expert_parameter_names(self) -> set[str]:
         return {name for name, role in self.moe_parameter_roles().items() if role == "expert"}
 

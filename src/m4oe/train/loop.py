@@ -296,6 +296,9 @@ def _validate(task: Task, autocast, out: Path, epoch: int, row: dict, history: H
         row.update({f"val_dice_{k}": round(v, 5) for k, v in result["dataset_mean_dice"].items()})
         post = result.get("dataset_mean_dice_postprocessed", {})
         row.update({f"val_post_{k}": round(v, 5) for k, v in post.items()})
+        specialisation = result.get("routing", {}).get("specialisation", math.nan)
+        if not math.isnan(specialisation):  # 0: every modality the same expert mixture, 1: each its own expert
+            row["val_specialisation"] = specialisation
         write_json(out / "validation.json", {"epoch": epoch + 1, **result})
         record_organ_dice(out / "organ_dice.csv", epoch + 1, result)
         if not math.isnan(result["mean_dice"]) and result["mean_dice"] > history.best:

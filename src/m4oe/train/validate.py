@@ -21,6 +21,7 @@ import torch
 
 from ..data.loader import SliceCache
 from ..data.postprocess import keep_largest_components
+from ..eval.routing import routing_figures
 from ..infer.engine import SliceEngine, SliceRequest
 from ..model.base import SegmentationModel
 from ..model.head import class_argmax
@@ -111,7 +112,9 @@ def validate(
             }
         )
     model.train(was_training)
-    return summarise(per_case, gate_sums, gate_counts)
+    result = summarise(per_case, gate_sums, gate_counts)
+    result["routing"] = routing_figures(result["gates"], model.modalities, model.gate_names())
+    return result
 
 
 def summarise(per_case: list[dict], gate_sums: dict, gate_counts: dict) -> dict:

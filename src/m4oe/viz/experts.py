@@ -34,16 +34,7 @@ def gate_maps(predictor: Predictor, volume, dataset: str | None, modality: str |
 
 
 def block_names(model) -> list[str]:
-    names = []
-    for i, stage in enumerate(model.encoder):
-        names += [f"enc{i}.{j}" for j in range(len(stage.blocks)) if hasattr(stage.blocks[j].mlp, "gate")]
-    for i in reversed(range(len(model.decoder))):
-        names += [
-            f"dec{i}.{j}"
-            for j in range(len(model.decoder[i].blocks))
-            if hasattr(model.decoder[i].blocks[j].mlp, "gate")
-        ]
-    return names
+    return model.gate_names()
 
 
 def render_experts(predictor: Predictor, image: Path, out_dir: Path, dataset: str | None = None,
