@@ -378,3 +378,12 @@ def test_organ_dice_keeps_each_validation_and_replaces_what_a_resume_redoes(tmp_
                 for r in csv.DictReader(f)]  # fmt: skip
     assert [r[:3] for r in rows] == [(1, "liver", 0.5), (1, "spleen", 0.1), (2, "liver", 0.65), (2, "spleen", 0.1)]
     assert rows[0][3] == 0.9 and math.isnan(rows[1][3])  # spleen has no post-processed figure
+
+
+def test_per_modality_baseline_resumes_each_of_its_runs(mechanics):
+    workdir, cache_dir = mechanics
+    exp = experiment(workdir, epochs=1, baseline="per_modality", val_every=0)
+    run_train(exp, workdir / "per_modality_resume", cache_dir, progress=False)
+    longer = experiment(workdir, epochs=2, baseline="per_modality", val_every=0)
+    histories = run_train(longer, workdir / "per_modality_resume", cache_dir, resume=True, progress=False)
+    assert {name: [r["epoch"] for r in h.rows] for name, h in histories.items()} == {"CT": [1, 2], "MRI": [1, 2]}

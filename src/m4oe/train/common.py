@@ -24,16 +24,20 @@ def default_cache_dir(experiment: ExperimentConfig) -> Path:
     return Path("cache") / stem
 
 
-def check_run_folders(experiment: ExperimentConfig, cache_dir: Path | None, outs: list[Path], resume: bool) -> None:
+def check_run_folders(experiment: ExperimentConfig, cache_dir: Path | None, outs: list[Path], resume: bool,
+                      states: bool = True) -> None:  # fmt: skip
     """Everything about a run's folders that can be refused, refused before anything is written: the
     cache must be new, empty or m4oe's own cache, each run folder new, empty or m4oe's own run, none
-    of them a dataset (or inside one, or holding one); a run folder that holds a run needs ``resume``,
-    and ``resume`` needs a checkpoint."""
+    of them a dataset (or inside one, or holding one); with ``states``, a run folder that holds a run
+    needs ``resume``, and ``resume`` needs a checkpoint (a per-modality baseline's folder holds runs
+    of its own, checked once they are known)."""
     datasets = [d.path for d in experiment.datasets]
     cache = Path(cache_dir or default_cache_dir(experiment))
     check_output_dir(cache, "cache", datasets, option="--cache")
     for out in outs:
         check_output_dir(out, "run", [*datasets, cache])
+        if not states:
+            continue
         if not resume and (out / "last").exists():
             raise RunExists(
                 f"{out} already holds a run (its last/ checkpoint): pass --resume to continue it, or choose another -o"

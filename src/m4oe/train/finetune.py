@@ -129,12 +129,13 @@ def run_train(
     ``out``; the cache may be prepared first.
     """
     out = Path(out)
-    check_run_folders(experiment, cache_dir, [out], resume)
+    per_modality = experiment.training.baseline == "per_modality"
+    check_run_folders(experiment, cache_dir, [out], resume, states=not per_modality)
     runtime = setup_runtime(device)
     cache = ensure_cache(experiment, cache_dir, runtime, progress)
     config = experiment.training
     names = experiment_datasets(experiment, cache)
-    if config.baseline == "per_modality":
+    if per_modality:
         modality = cache.dataset_modality
         groups = {m: [n for n in names if modality[n] == m] for m in dict.fromkeys(modality[n] for n in names)}
     else:
