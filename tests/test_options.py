@@ -51,25 +51,11 @@ def test_sgd_with_the_poly_schedule_is_nnunets():
 @pytest.mark.slow
 def test_swin_attention_without_qkv_bias_matches_monais():
     swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr")
-    from m4oe.model.moe import DenseMLP
-    from m4oe.model.swin import SwinBlock
+    from .test_swin_reference import paired_blocks
 
-    torch.manual_seed(0)
     dim, heads, window, shift, resolution = 8, 2, 4, 2, 8
-    ours = SwinBlock(dim, resolution, heads, window, shift, DenseMLP(dim, 4 * dim), qkv_bias=False).double()
-    monai = swin_unetr.SwinTransformerBlock(dim, heads, (window, window), (shift, shift), mlp_ratio=4.0,
-                                            qkv_bias=False).double()  # fmt: skip
+    ours, monai = paired_blocks(dim, heads, window, shift, resolution, qkv_bias=False)
     assert ours.attn.qkv.bias is None and monai.attn.qkv.bias is None
-    with torch.no_grad():
-        for p in monai.parameters():
-            p.normal_(0, 0.5)
-        ours.norm1.load_state_dict(monai.norm1.state_dict())
-        ours.norm2.load_state_dict(monai.norm2.state_dict())
-        ours.attn.qkv.load_state_dict(monai.attn.qkv.state_dict())
-        ours.attn.proj.load_state_dict(monai.attn.proj.state_dict())
-        ours.attn.relative_position_bias_table.copy_(monai.attn.relative_position_bias_table)
-        ours.mlp.fc1.load_state_dict(monai.mlp.linear1.state_dict())
-        ours.mlp.fc2.load_state_dict(monai.mlp.linear2.state_dict())
     x = torch.randn(2, resolution, resolution, dim, dtype=torch.float64)
     mask = swin_unetr.compute_mask([resolution, resolution], (window, window), (shift, shift), x.device)
     assert torch.allclose(ours(x, None, None)[0], monai(x, mask.double()), atol=1e-10)

@@ -12,10 +12,11 @@ from m4oe.model.swin import SwinBlock
 swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr")
 
 
-def paired_blocks(dim: int, heads: int, window: int, shift: int, resolution: int):
+def paired_blocks(dim: int, heads: int, window: int, shift: int, resolution: int, qkv_bias: bool = True):
     torch.manual_seed(0)
-    ours = SwinBlock(dim, resolution, heads, window, shift, DenseMLP(dim, 4 * dim)).double()
-    monai = swin_unetr.SwinTransformerBlock(dim, heads, (window, window), (shift, shift), mlp_ratio=4.0).double()
+    ours = SwinBlock(dim, resolution, heads, window, shift, DenseMLP(dim, 4 * dim), qkv_bias=qkv_bias).double()
+    monai = swin_unetr.SwinTransformerBlock(dim, heads, (window, window), (shift, shift), mlp_ratio=4.0,
+                                            qkv_bias=qkv_bias).double()  # fmt: skip
     with torch.no_grad():
         for p in monai.parameters():
             p.normal_(0, 0.5)  # a random, asymmetric bias table: a transposed index would show

@@ -43,5 +43,14 @@ def reject_unknown(values: dict, known: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown keys {extra}; allowed: {sorted(known)}")
 
 
+def from_mapping(cls, values: dict[str, Any], where: str):
+    """``cls(**values)`` for a config dataclass, unknown keys refused naming ``where``."""
+    reject_unknown(values, field_names(cls), where)
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"bad {where} config: {err}") from err
+
+
 def field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .base import ConfigError, check_field_types, field_names, reject_unknown
+from .base import ConfigError, check_field_types, field_names, from_mapping, reject_unknown
 from .choices import (
     AMP_MODES,
     BASELINES,
@@ -141,21 +141,13 @@ class TrainConfig:
         for name in ("amp", "compile"):
             if isinstance(getattr(self, name), bool):
                 object.__setattr__(self, name, "on" if getattr(self, name) else "off")
-        check_field_types(self, "train.")
-        counts = ("epochs", "batch_size", "workers", "pretrain_epochs", "val_every", "checkpoint_every", "seed")
-        optional = ("samples_per_epoch",)  # None: the number of training slices
-        for name in (*counts, *optional):
-            value = getattr(self, name)
-            if value is None and name in optional:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"train.{name} must be a whole number, got {value!r}")
+        check_field_types(self, "train.")  # whole numbers for every int field, finite numbers for floats
         positive = ("epochs", "batch_size", "lr", "workers", "pretrain_epochs", "pretrain_lr")
         for name in positive:
             value = getattr(self, name)
             if name == "workers" and value == 0:
                 continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            if value <= 0:
                 raise ConfigError(f"train.{name} must be a positive number, got {value!r}")
         at_least_zero = ("min_lr", "weight_decay", "warmup_epochs", "grad_clip", "ce_weight", "dice_weight",
                          "val_every", "checkpoint_every", "seed")  # fmt: skip
@@ -184,11 +176,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        reject_unknown(values, field_names(cls), "train")
-        try:
-            return cls(**values)
-        except TypeError as err:
-            raise ConfigError(f"bad train config: {err}") from err
+        return from_mapping(cls, values, "train")
 
 
 @dataclass(frozen=True)

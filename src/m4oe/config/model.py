@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .base import ConfigError, check_field_types, field_names, reject_unknown
+from .base import ConfigError, check_field_types, from_mapping
 from .choices import ARCHITECTURES, CONVNEXT_INITS, CONVNEXT_NORMS, CONVNEXT_SPATIAL, ROUTING_MODES
 
 
@@ -190,11 +190,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        reject_unknown(values, field_names(cls), "model")
-        try:
-            return cls(**values)
-        except TypeError as err:
-            raise ConfigError(f"bad model config: {err}") from err
+        return from_mapping(cls, values, "model")
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         base = self.to_dict()
