@@ -109,6 +109,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     samples_per_epoch: int | None = None  # default: the number of training slices
+    # a wall-clock budget for the model: phase 2's epochs (then only its validation points) are fitted
+    # so that phase 2 and the phase-1 run it starts from (--init) end within it; samples_per_epoch unused
+    minutes: float | None = None
     val_every: int = 5  # epochs; 0 = never
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     workers: int = 2
@@ -132,6 +135,7 @@ class TrainConfig:
     baseline: str | None = None  # "per_modality": one model per modality (paradigm a)
     # phase 1 (MAE)
     pretrain_epochs: int = 50
+    pretrain_samples_per_epoch: int | None = None  # default: samples_per_epoch
     pretrain_lr: float = 1.5e-4
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
@@ -156,11 +160,14 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)!r}")
         if self.ce_weight + self.dice_weight <= 0:
             raise ConfigError("train.ce_weight and train.dice_weight cannot both be 0: nothing would be learnt")
-        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
-            raise ConfigError(
-                "train.samples_per_epoch must be 1 or more (or left out: all training slices), got "
-                f"{self.samples_per_epoch}"
-            )
+        for name in ("samples_per_epoch", "pretrain_samples_per_epoch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(
+                    f"train.{name} must be 1 or more (or left out: all training slices), got {getattr(self, name)}"
+                )
+        if self.minutes is not None and self.minutes <= 0:
+            raise ConfigError(f"train.minutes must be a positive number of minutes (or null: no budget), "
+                              f"got {self.minutes}")  # fmt: skip
         words = (("amp", AMP_MODES), ("compile", COMPILE_MODES), ("dice", DICE_MODES), ("optimizer", OPTIMIZERS),
                  ("schedule", SCHEDULES), ("foreground_sampling", FOREGROUND_SAMPLING))  # fmt: skip
         for name, allowed in words:

@@ -159,6 +159,9 @@ class SliceCache:
 
 
 
+ENDLESS_CHUNK = 256  # batches drawn at a time by an endless epoch (a run with a time budget)
+
+
 class BalancedBatchSampler:
     """Epochs of batches of slice indices, balanced over datasets, with foreground oversampling.
 
@@ -217,14 +220,18 @@ class BalancedBatchSampler:
         self.epoch = 0
         self.start_batch = 0
         self.part = slice(None)
+        self.endless = False  # set by a run with a time budget: epochs end where the run says
 
     def __len__(self) -> int:
         return max(1, self.samples_per_epoch // self.batch_size)
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """All batches of an epoch, ``[len(self), batch_size]`` slice indices."""
-        rng = np.random.default_rng([self.seed, epoch])
-        n = len(self) * self.batch_size
+        return self._draw(np.random.default_rng([self.seed, epoch]), len(self))
+
+    def _draw(self, rng: np.random.Generator, batches: int) -> np.ndarray:
+        """``batches`` batches of slice indices, ``[batches, batch_size]``, drawn from ``rng``."""
+        n = batches * self.batch_size
         which = rng.choice(len(self.pools), size=n, p=self.probs)
         force_fg = rng.random(n) < self.foreground_fraction
         picks = np.empty(n, dtype=np.int64)
@@ -235,7 +242,7 @@ class BalancedBatchSampler:
                     picks[sel] = self._by_class(self.class_pools[d], int(sel.sum()), rng)
                 else:
                     picks[sel] = source[rng.integers(0, source.size, int(sel.sum()))]
-        return picks.reshape(len(self), self.batch_size)
+        return picks.reshape(batches, self.batch_size)
 
     @staticmethod
     def _by_class(class_pools: list[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
@@ -258,8 +265,21 @@ class BalancedBatchSampler:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        if self.endless:  # a run with a time budget decides where each epoch ends
+            yield from self._endless()
+            return
         for batch in self.epoch_batches(self.epoch)[self.start_batch :]:
             yield batch[self.part]
+
+    def _endless(self) -> Iterator[np.ndarray]:
+        """Batches of the epoch without end, drawn ``ENDLESS_CHUNK`` at a time from ``(seed, epoch)``:
+        the same epoch and start batch give the same batches (a resumed run continues exactly)."""
+        rng, index = np.random.default_rng([self.seed, self.epoch]), 0
+        while True:
+            for batch in self._draw(rng, ENDLESS_CHUNK):
+                if index >= self.start_batch:
+                    yield batch[self.part]
+                index += 1
 
 
 def stack_slice_context(slices: torch.Tensor, context: int, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -14,6 +14,8 @@ from ..bundle import save_bundle
 from ..files import replace_dir
 
 STATE_FILE = "train_state.pt"
+# training settings a resume must keep (the checkpoint records them; a run's batches depend on them)
+RESUME_KEYS = ("batch_size", "seed", "samples_per_epoch", "pretrain_samples_per_epoch", "minutes")
 
 
 class RunExists(ValueError):
@@ -56,6 +58,11 @@ def save_checkpoint(out: Path, name: str, task, state: dict[str, Any] | None) ->
     if state is not None:
         torch.save(state, tmp / STATE_FILE)
     replace_dir(tmp, target, "bundle")
+
+
+def run_seconds(run: Path) -> float:
+    """Seconds a finished run took, all its commands together (as its last checkpoint records)."""
+    return float(load_train_state(run).get("spent", 0.0))
 
 
 def load_train_state(run: Path) -> dict[str, Any]:

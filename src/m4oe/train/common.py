@@ -15,7 +15,7 @@ from ..data.loader import SliceCache
 from ..files import check_output_dir, mark_output_dir, write_text
 from ..model.base import SegmentationModel
 from ..model.presets import create_model, preset_config
-from .checkpoint import STATE_FILE, RunExists
+from .checkpoint import RESUME_KEYS, STATE_FILE, RunExists
 from .runtime import Runtime, barrier
 
 
@@ -77,7 +77,7 @@ def check_resume(out: Path, model: SegmentationModel, extra: dict[str, Any], con
         for key in sorted(set(old) | set(new)):
             compare(f"dataset {name} {key}", old.get(key), new.get(key))
     state = torch.load(out / "last" / STATE_FILE, map_location="cpu", weights_only=True)
-    for key in ("batch_size", "seed", "samples_per_epoch"):
+    for key in RESUME_KEYS:
         compare(f"train.{key}", state["config"].get(key), getattr(config, key))
     if changes:
         more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""

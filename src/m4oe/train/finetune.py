@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from ..data.loader import SliceCache
 from ..files import mark_output_dir, write_json
 from ..model.base import SegmentationModel
 from ..model.mae import load_pretrained
+from .budget import BudgetTooShort
+from .checkpoint import STATE_FILE, run_seconds
 from .common import (
     check_resume,
     check_run_folders,
@@ -84,6 +87,11 @@ class SegmentationTask:
         logits = module(batch["image"], modality, dataset, routing=self.routing)
         return segmentation_loss(logits, target, classes, **weights)
 
+    def validation_slices(self) -> int:
+        """Slices one validation runs through the model (a time budget's first estimate of its cost)."""
+        names = [self.cache.dataset_names[i] for i in self.dataset_map]
+        return int((self.cache.slice_mask("val") & self.cache.dataset_mask(names)).sum())
+
     def validate(self, autocast) -> dict | None:
         self.model.set_routing(self.routing)
         result = validate(
@@ -133,6 +141,7 @@ def run_train(
     check_run_folders(experiment, cache_dir, [out], resume, states=not per_modality)
     runtime = setup_runtime(device)
     cache = ensure_cache(experiment, cache_dir, runtime, progress)
+    clock = time.perf_counter()  # the run's time (which train.minutes counts) starts with a ready cache
     config = experiment.training
     names = experiment_datasets(experiment, cache)
     if per_modality:
@@ -141,6 +150,7 @@ def run_train(
     else:
         groups = {"": names}
     check_trainable(cache, names)
+    budget = _budget_seconds(config, init, runtime, resume)  # refused before anything is written
     runs = {modality or "all": (out / modality if modality else out, datasets) for modality, datasets in groups.items()}
     check_run_folders(experiment, cache_dir, [run_out for run_out, _ in runs.values()], resume)
     pretrained = _pretrained(init) if init is not None and not resume else None
@@ -151,7 +161,7 @@ def run_train(
     if runtime.main and len(runs) > 1:
         mark_output_dir(out, "run")  # the folder of the per-modality runs
     histories = {}
-    for name, (run_out, datasets) in runs.items():
+    for done, (name, (run_out, datasets)) in enumerate(runs.items()):
         task, report = tasks[name]
         if runtime.main:
             write_run_config(run_out, experiment, {"phase": "train", "cache": str(cache.path),
@@ -173,8 +183,29 @@ def run_train(
             resume=resume,
             progress=progress,
             stop_at_step=stop_at_step,
+            # runs one after another (one per modality) share what is left of the budget
+            budget_seconds=None if budget is None else (clock + budget - time.perf_counter()) / (len(runs) - done),
+            clock=None if budget is None else time.perf_counter(),
         )
     return histories
+
+
+def _budget_seconds(config: TrainConfig, init: str | Path | None, runtime: Runtime, resume: bool) -> float | None:
+    """Seconds phase 2 may take under ``train.minutes``: the budget less what the phase-1 run
+    ``init`` took (its checkpoint records it); ``None`` without a budget."""
+    if config.minutes is None:
+        return None
+    seconds = config.minutes * 60
+    if init is not None and (Path(init) / "last" / STATE_FILE).is_file():
+        phase1 = run_seconds(Path(init))
+        seconds -= phase1
+        if runtime.main and not resume:
+            print(f"train.minutes {config.minutes:g}: the phase-1 run {init} took {phase1 / 60:.1f} min; phase 2 "
+                  f"gets {seconds / 60:.1f}", flush=True)  # fmt: skip
+    if seconds <= 0:
+        raise BudgetTooShort(f"train.minutes {config.minutes:g}: the phase-1 run {init} took longer "
+                             f"({(config.minutes * 60 - seconds) / 60:.1f} min); give more minutes")  # fmt: skip
+    return seconds
 
 
 def check_trainable(cache: SliceCache, datasets: list[str]) -> None:

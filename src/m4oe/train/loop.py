@@ -30,7 +30,8 @@ from ..data.augment import AugmentConfig, augment_batch
 from ..data.loader import BalancedBatchSampler, SliceCache, make_loader
 from ..files import write_json
 from ..model.base import SegmentationModel
-from .checkpoint import STATE_FILE, RunExists, load_train_state, remove_stale_temporaries, save_checkpoint
+from .budget import MARGIN, TimeBudget, check_fits
+from .checkpoint import RESUME_KEYS, STATE_FILE, RunExists, load_train_state, remove_stale_temporaries, save_checkpoint
 from .history import History, progress_bar, record_organ_dice
 from .runtime import Runtime, all_mean, autocast_factory, barrier, gather_state, setup_runtime
 from .schedule import build_optimizer, build_scheduler, lr_lambda
@@ -111,6 +112,7 @@ class Position:
     seen: int = 0
     seconds: float = 0.0
     history: History = field(default_factory=History)
+    spent: float = 0.0  # seconds the run's commands took before this one
 
 
 def fit(
@@ -127,26 +129,43 @@ def fit(
     validate: bool = True,
     progress: bool = True,
     stop_at_step: int | None = None,
+    samples_per_epoch: int | None = None,
+    budget_seconds: float | None = None,
+    clock: float | None = None,
 ) -> History:
     """Train ``task.module`` on batches from ``cache``; see the module docstring.
 
     ``dataset_weights`` (in the cache's dataset order) sets how often each dataset is drawn
-    (default: balanced). ``stop_at_step`` interrupts the run just before that step (as a kill
-    would), for tests.
+    (default: balanced). ``samples_per_epoch`` is the epoch size (default the config's). With
+    ``budget_seconds`` the epochs' lengths are fitted so that the run, counted from ``clock`` (a
+    ``time.perf_counter()`` value, default now) and with the seconds its earlier commands took before a
+    resume, ends within that many seconds (:mod:`.budget`). ``stop_at_step`` interrupts the run just
+    before that step (as a kill would), for tests.
     """
+    command_started = time.perf_counter() if clock is None else clock
     _start_folder(out, resume, runtime)
     torch.manual_seed(config.seed + runtime.rank)
     module = task.module.to(runtime.device)
-    sampler = _sampler(cache, config, sampler_mask, dataset_weights, runtime)
+    sampler = _sampler(cache, config, sampler_mask, dataset_weights, runtime, samples_per_epoch)
     steps_per_epoch = len(sampler)
     params = [p for p in module.parameters() if p.requires_grad]
     # a task may exempt parameters from weight decay (add-modality keeps frozen slices bit-exact)
     optimizer = build_optimizer(params, getattr(task, "no_weight_decay", lambda: [])(), config, lr, runtime.device)
-    scheduler = build_scheduler(optimizer, config, lr, epochs * steps_per_epoch, steps_per_epoch)
+    budget, spent = None, 0.0
+    if budget_seconds is not None:
+        budget = _budget(task, config, epochs, steps_per_epoch, validate, runtime)
+        sampler.endless = True
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.lr_factor(lr, config.min_lr, config.schedule))
+    else:
+        scheduler = build_scheduler(optimizer, config, lr, epochs * steps_per_epoch, steps_per_epoch)
     generator = torch.Generator(device=runtime.device).manual_seed(config.seed * 1000 + runtime.rank)
     position = Position()
     if resume:
-        position = _resume(out, config, module, optimizer, scheduler, generator, runtime)
+        position = _resume(out, config, module, optimizer, scheduler, generator, runtime, budget)
+        spent = position.spent
+    if budget is not None:
+        budget.deadline = command_started + budget_seconds * (1 - MARGIN) - spent
+        check_fits(budget)
     loss_module = _wrap(module, config, runtime)
     autocast = autocast_factory(runtime.device, config.amp)
     augment = AugmentConfig() if config.augment else None
@@ -167,7 +186,9 @@ def fit(
             "epoch_sums": {k: float(v) for k, v in sums.items()} if batch else {},
             "epoch_progress": [seen, time.perf_counter() - started] if batch else [0, 0.0],
             "history": history.rows,
-            "config": {k: getattr(config, k) for k in ("batch_size", "seed", "samples_per_epoch")},
+            "config": {k: getattr(config, k) for k in RESUME_KEYS},
+            "spent": spent + time.perf_counter() - command_started,
+            "budget": budget.state() if budget is not None else None,
             "best": history.best,
             "rng": gather_state(torch.get_rng_state(), runtime),
             "generator": gather_state(generator.get_state().cpu(), runtime),
@@ -186,7 +207,11 @@ def fit(
         if resumed:  # the slices and time of the epoch before an interruption count too
             seen, started = position.seen, started - position.seconds
         label = f"{task.name} {epoch + 1}/{epochs}"
-        bar = progress_bar(steps_per_epoch - first_batch, label, progress and runtime.main)
+        if budget is not None and not (resumed and position.batch):
+            budget.start_epoch(epoch, position.step)
+        planned = steps_per_epoch if budget is None else budget.epoch_end - budget.epoch_start
+        bar = progress_bar(planned - first_batch, label, progress and runtime.main)
+        done = first_batch  # the epoch's steps, those before an interruption included
         for batch_index, batch in enumerate(loader, start=first_batch):
             if stop_at_step is not None and position.step >= stop_at_step:
                 raise KeyboardInterrupt(f"stopped before step {position.step} (stop_at_step)")
@@ -203,6 +228,7 @@ def fit(
             optimizer.step()
             scheduler.step()
             position.step += 1
+            done += 1
             seen += config.batch_size
             for key, value in {"loss": loss.detach(), **logs}.items():
                 sums[key] = sums.get(key, 0) + value.float()
@@ -210,24 +236,48 @@ def fit(
             if position.step % LOOK_EVERY == 0:  # the one read-back of the loss every LOOK_EVERY steps
                 divergence.check(out)
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", sps=f"{seen / (time.perf_counter() - started):.0f}")
-            every = config.checkpoint_every
-            if every and position.step % every == 0 and batch_index + 1 < steps_per_epoch:
-                checkpoint(epoch, batch_index + 1, sums, seen, started)
+                if budget is not None:
+                    budget.look(position.step)
+                    bar.total = budget.epoch_end - budget.epoch_start
+            ends = budget.epoch_done(position.step) if budget is not None else done >= steps_per_epoch
+            if config.checkpoint_every and position.step % config.checkpoint_every == 0 and not ends:
+                checkpoint(epoch, done, sums, seen, started)
+            if ends and budget is not None:
+                break
         bar.close()
         divergence.check(out)
-        seconds = time.perf_counter() - started
+        ended = time.perf_counter()
+        seconds = ended - started
         row: dict[str, Any] = {"epoch": epoch + 1, "step": position.step}
-        row.update({k: round(float(all_mean(v, runtime)) / steps_per_epoch, 6) for k, v in sums.items()})
+        row.update({k: round(float(all_mean(v, runtime)) / done, 6) for k, v in sums.items()})
         row.update(
             lr=scheduler.get_last_lr()[0], slices_per_s=round(seen / seconds, 1), epoch_seconds=round(seconds, 2)
         )
-        if validate and config.val_every and ((epoch + 1) % config.val_every == 0 or epoch + 1 == epochs):
+        validates = _validates(validate, config, epoch, epochs)
+        if validates:
             _validate(task, autocast, out, epoch, row, history, runtime)
         history.rows.append(row)
         if runtime.main:
             history.write(out)
         checkpoint(epoch + 1, 0, sums, seen, started)
+        if budget is not None:
+            budget.epoch_ended(validates, time.perf_counter() - ended)
     return history
+
+
+def _validates(validate: bool, config: TrainConfig, epoch: int, epochs: int) -> bool:
+    """Whether epoch ``epoch`` (from 0) ends with a validation."""
+    return bool(validate and config.val_every and ((epoch + 1) % config.val_every == 0 or epoch + 1 == epochs))
+
+
+def _budget(task: Task, config: TrainConfig, epochs: int, steps_per_epoch: int, validate: bool,
+            runtime: Runtime) -> TimeBudget:  # fmt: skip
+    """The time budget of a run (its deadline is set once a resume has said what was spent)."""
+    validates = [_validates(validate, config, epoch, epochs) for epoch in range(epochs)]
+    slices = getattr(task, "validation_slices", lambda: 0)()
+    provisional = max(steps_per_epoch, 3 * LOOK_EVERY)  # the speed is measured before the first epoch ends
+    return TimeBudget(math.inf, epochs, validates, slices, config.batch_size, config.warmup_epochs, provisional,
+                      runtime)  # fmt: skip
 
 
 def _start_folder(out: Path, resume: bool, runtime: Runtime) -> None:
@@ -240,7 +290,8 @@ def _start_folder(out: Path, resume: bool, runtime: Runtime) -> None:
         remove_stale_temporaries(out)
 
 
-def _sampler(cache: SliceCache, config: TrainConfig, mask, dataset_weights, runtime: Runtime) -> BalancedBatchSampler:
+def _sampler(cache: SliceCache, config: TrainConfig, mask, dataset_weights, runtime: Runtime,
+             samples_per_epoch: int | None = None) -> BalancedBatchSampler:  # fmt: skip
     """The run's batches; each process takes its share of each global batch."""
     if config.batch_size % runtime.world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {runtime.world} processes")
@@ -249,7 +300,7 @@ def _sampler(cache: SliceCache, config: TrainConfig, mask, dataset_weights, runt
         config.batch_size,
         mask=mask,
         dataset_weights=dataset_weights,
-        samples_per_epoch=config.samples_per_epoch,
+        samples_per_epoch=samples_per_epoch or config.samples_per_epoch,
         foreground_fraction=config.foreground_fraction,
         foreground_sampling=config.foreground_sampling,
         seed=config.seed,
@@ -258,10 +309,12 @@ def _sampler(cache: SliceCache, config: TrainConfig, mask, dataset_weights, runt
     return sampler
 
 
-def _resume(out: Path, config: TrainConfig, module, optimizer, scheduler, generator, runtime: Runtime) -> Position:
-    """Load the checkpoint of ``out`` into the module, optimiser, scheduler and RNGs; where it stopped."""
+def _resume(out: Path, config: TrainConfig, module, optimizer, scheduler, generator, runtime: Runtime,
+            budget: TimeBudget | None) -> Position:  # fmt: skip
+    """Load the checkpoint of ``out`` into the module, optimiser, scheduler, RNGs and time budget;
+    where it stopped."""
     state = load_train_state(out)
-    for key in ("batch_size", "seed", "samples_per_epoch"):
+    for key in RESUME_KEYS:
         if state["config"].get(key) != getattr(config, key):
             raise ValueError(f"cannot resume {out}: train.{key} changed from {state['config'].get(key)}")
     module.load_state_dict(state["module"])
@@ -271,8 +324,11 @@ def _resume(out: Path, config: TrainConfig, module, optimizer, scheduler, genera
     position = Position(
         step=state["step"], epoch=state["epoch"], batch=state["batch"],
         sums={k: torch.tensor(v, device=runtime.device) for k, v in state["epoch_sums"].items()},
-        seen=seen, seconds=seconds, history=History(state["history"], state["best"]),
+        seen=seen, seconds=seconds, history=History(state["history"], state["best"]), spent=state.get("spent", 0.0),
     )  # fmt: skip
+    if budget is not None and state.get("budget"):
+        budget.load_state(state["budget"])
+        budget.epoch, budget.epoch_start = position.epoch, position.step - position.batch
     torch.set_rng_state(state["rng"][runtime.rank])
     generator.set_state(state["generator"][runtime.rank])
     return position

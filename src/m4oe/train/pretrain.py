@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ def run_pretrain(
     check_run_folders(experiment, cache_dir, [out], resume)
     runtime = setup_runtime(device)
     cache = ensure_cache(experiment, cache_dir, runtime, progress)
+    clock = time.perf_counter()  # the run's time (which a phase-2 budget counts) starts with a ready cache
     config = experiment.training
     torch.manual_seed(config.seed)
     model = model_for(experiment, cache, experiment_datasets(experiment, cache))
@@ -94,4 +96,6 @@ def run_pretrain(
         validate=False,
         progress=progress,
         stop_at_step=stop_at_step,
+        samples_per_epoch=config.pretrain_samples_per_epoch,
+        clock=clock,
     )
