@@ -158,8 +158,8 @@ def test_label_map_must_name_known_labels(tmp_path):
         ("datasets: [{path: x}]\nmodel: {depth: 3}", "model: unknown keys ['depth']"),
         ("datasets: {path: x}", "datasets must be list"),
         ("datasets: [{path: x}]\ntrain: {epoch: 3}", "train: unknown keys ['epoch']"),
-        ("datasets: [{path: x}]\ntrain: {amp: fp16}", "train.amp must be one of ('auto', 'bf16', 'off')"),
-        ("datasets: [{path: x}]\ntrain: {amp: on}", "train.amp must be one of ('auto', 'bf16', 'off'), got 'on'"),
+        ("datasets: [{path: x}]\ntrain: {amp: fp16}", "train.amp must be one of ('auto', 'fp32', 'bf16')"),
+        ("datasets: [{path: x}]\ntrain: {amp: on}", "train.amp must be one of ('auto', 'fp32', 'bf16'), got 'on'"),
         ("datasets: [{path: x}]\ntrain: {dice: present}", "train.dice must be one of ('sample', 'batch', 'batch_pres"),
         ("datasets: [{path: x}]\ntrain: {foreground_sampling: organ}", "sampling must be one of ('any', 'class')"),
         ("datasets: [{path: x}]\n  bad: [", "not valid YAML"),
@@ -179,6 +179,6 @@ def test_bare_yaml_off_is_the_word_off(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("datasets: [{path: x}]\ntrain: {amp: off, compile: off}\n")
     training = load_experiment(path).training
-    assert (training.amp, training.compile) == ("off", "off")
+    assert (training.amp, training.compile) == ("fp32", "off")  # amp's "off" is fp32, the one precision word
     path.write_text("datasets: [{path: x}]\ntrain: {compile: on}\n")
     assert load_experiment(path).training.compile == "on"

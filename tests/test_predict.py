@@ -144,15 +144,18 @@ def test_output_names():
     assert output_name(Path("x/scan.mha")) == "scan.nii.gz"
 
 
-def test_precision_picks_bf16_only_where_it_is_native(monkeypatch):
+def test_one_precision_vocabulary_with_one_meaning_of_auto(monkeypatch):
+    from m4oe.config import TrainConfig
+    from m4oe.train.runtime import autocast_factory
 
-    monkeypatch.setattr(predict, "cpu_has_bf16", lambda: False)
-    assert inference_dtype("auto", torch.device("cpu")) == torch.float32
-    assert inference_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert inference_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    monkeypatch.setattr(predict, "cpu_has_bf16", lambda: True)
-    assert inference_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    assert inference_dtype("fp32", torch.device("cuda")) == torch.float32
+    monkeypatch.setattr(predict, "cpu_has_bf16", lambda: True)  # even where a CPU has native bf16
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for precision, on_cpu, on_cuda in (("auto", False, True), ("fp32", False, False), ("bf16", True, True)):
+        assert inference_dtype(precision, cpu) == (torch.bfloat16 if on_cpu else torch.float32)
+        assert inference_dtype(precision, cuda) == (torch.bfloat16 if on_cuda else torch.float32)
+        trains_bf16 = isinstance(autocast_factory(cpu, TrainConfig(amp=precision).amp)(), torch.autocast)
+        assert trains_bf16 == on_cpu
+    assert TrainConfig(amp="off").amp == "fp32"  # the training word of earlier configs
     with pytest.raises(PredictError, match=r"precision must be one of \('auto', 'fp32', 'bf16'\), got 'fp16'"):
         Predictor(threshold_model(), "cpu", precision="fp16")
 

@@ -7,6 +7,12 @@ import torch
 from .config import ConfigError
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``precision`` (one of :data:`~m4oe.config.choices.PRECISIONS`) runs bf16 on ``device``:
+    ``bf16`` always, ``auto`` on a CUDA GPU only, ``fp32`` never. Training and prediction both ask here."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def resolve_device(device: str | None) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``; anything else, or a GPU that is not
     there, is a one-line :class:`ConfigError` naming the option."""

@@ -45,13 +45,13 @@ def predict(
     batch_size: int = typer.Option(None, help="Slices per forward pass (default: 16 on a GPU, 8 on a CPU)."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     precision: str = typer.Option(
-        "auto", help="fp32, bf16, or auto: bf16 on a GPU or a CPU with bf16 instructions, else fp32."
+        "auto", help="fp32, bf16, or auto: bf16 on a GPU, fp32 on a CPU (the one meaning of auto, as in training)."
     ),
 ) -> None:
     """Segment volumes; label maps keep the input's spacing, origin and direction."""
     from ..bundle import BundleError, load_bundle
     from ..infer.files import collect_inputs, predict_paths
-    from ..infer.predict import PredictError, Predictor
+    from ..infer.predict import PredictError, Predictor, cpu_has_bf16
 
     try:
         rotations = _angles(tta_rotate)
@@ -67,6 +67,9 @@ def predict(
         fail(err)
     if largest_only:
         console.print(f"largest connected component only: {', '.join(largest_only)}")
+    if precision == "auto" and predictor.device.type == "cpu" and cpu_has_bf16():
+        console.print("hint: this CPU computes bf16 natively; --precision bf16 predicts about 2x faster here "
+                      "(label maps agreed on at least 99.9 % of voxels in docs/decisions.md)")  # fmt: skip
     for path, weights in report.experts.items():
         if len(weights) > 1 and modality is None:
             top = max(weights, key=weights.get)

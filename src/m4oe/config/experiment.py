@@ -9,7 +9,6 @@ from typing import Any
 
 from .base import ConfigError, check_field_types, field_names, from_mapping, reject_unknown
 from .choices import (
-    AMP_MODES,
     BASELINES,
     COMPILE_MODES,
     DICE_MODES,
@@ -17,6 +16,8 @@ from .choices import (
     FOREGROUND_SAMPLING,
     NORMALIZATION_SCHEMES,
     OPTIMIZERS,
+    PRECISION_ALIASES,
+    PRECISIONS,
     ROUTING_MODES,
     SCHEDULES,
 )
@@ -116,7 +117,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     workers: int = 2
     seed: int = 0
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    amp: str = "auto"  # the precision: auto (bf16 on CUDA, fp32 on a CPU) | bf16 | fp32 (before: off)
     compile: str = "auto"  # auto (on for CUDA) | on | off
     grad_clip: float = 12.0
     foreground_fraction: float = 0.33
@@ -145,6 +146,7 @@ class TrainConfig:
         for name in ("amp", "compile"):
             if isinstance(getattr(self, name), bool):
                 object.__setattr__(self, name, "on" if getattr(self, name) else "off")
+        object.__setattr__(self, "amp", PRECISION_ALIASES.get(self.amp, self.amp))
         check_field_types(self, "train.")  # whole numbers for every int field, finite numbers for floats
         positive = ("epochs", "batch_size", "lr", "workers", "pretrain_epochs", "pretrain_lr")
         for name in positive:
@@ -168,7 +170,7 @@ class TrainConfig:
         if self.minutes is not None and self.minutes <= 0:
             raise ConfigError(f"train.minutes must be a positive number of minutes (or null: no budget), "
                               f"got {self.minutes}")  # fmt: skip
-        words = (("amp", AMP_MODES), ("compile", COMPILE_MODES), ("dice", DICE_MODES), ("optimizer", OPTIMIZERS),
+        words = (("amp", PRECISIONS), ("compile", COMPILE_MODES), ("dice", DICE_MODES), ("optimizer", OPTIMIZERS),
                  ("schedule", SCHEDULES), ("foreground_sampling", FOREGROUND_SAMPLING))  # fmt: skip
         for name, allowed in words:
             if getattr(self, name) not in allowed:

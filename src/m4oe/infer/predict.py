@@ -27,7 +27,7 @@ from ..data.io import (
 from ..data.normalize import normalize
 from ..data.postprocess import keep_largest_components
 from ..data.resample import SlicePlan, fit_slices, unfit_logits
-from ..devices import resolve_device
+from ..devices import resolve_device, uses_bf16
 from ..memory import keep_freed_memory
 from ..model.base import SegmentationModel
 from ..model.head import class_argmax
@@ -319,10 +319,7 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype a :class:`Predictor` runs in for ``precision`` (see there) on ``device``."""
     if precision not in PRECISIONS:
         raise PredictError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
-        return torch.bfloat16 if fast else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch.bfloat16 if uses_bf16(precision, device) else torch.float32
 
 
 def cpu_has_bf16() -> bool:

@@ -20,6 +20,7 @@ Two ways to train it:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,7 @@ def run_add_modality(
     old = load_bundle(bundle)
     check_segmentation_bundle(old, bundle)
     cache = ensure_cache(experiment, cache_dir, runtime, progress, img_size=old.config.img_size)
+    clock = time.perf_counter()  # train.minutes counts the whole addition, the new expert's MAE included
     in_config = experiment_datasets(experiment, cache)
     new_datasets = [d for d in in_config if d not in old.label_sets]
     new_modalities = sorted({cache.dataset_modality[d] for d in new_datasets} - set(old.modalities))
@@ -228,7 +230,8 @@ def run_add_modality(
     sampler_mask = cache.slice_mask("train") & in_run & cache.index["labeled"]
     history = fit(task, cache, config, out, runtime, epochs=config.epochs, lr=config.lr,
                   sampler_mask=sampler_mask, dataset_weights=sampling_weights(experiment, cache),
-                  progress=progress)  # fmt: skip
+                  progress=progress, clock=clock,
+                  budget_seconds=None if config.minutes is None else config.minutes * 60)  # fmt: skip
     return history, {"modality": modality, "datasets": new_datasets, "parameters_added": added}
 
 
@@ -273,7 +276,8 @@ def _pretrain_new_expert(model: SegmentationModel, experiment, cache: SliceCache
     mask = pretrain_mask(cache) & (cache.index["modality"] == new_modality)
     try:
         fit(task, cache, config, out, runtime, epochs=config.pretrain_epochs, lr=config.pretrain_lr,
-            sampler_mask=mask, validate=False, progress=progress)  # fmt: skip
+            sampler_mask=mask, validate=False, progress=progress,
+            samples_per_epoch=config.pretrain_samples_per_epoch)  # fmt: skip
     finally:
         for handle in handles:
             handle.remove()

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..devices import resolve_device
+from ..devices import resolve_device, uses_bf16
 
 
 @dataclass
@@ -46,8 +46,7 @@ def setup_runtime(device: str | None = None) -> Runtime:
 
 
 def autocast_factory(device: torch.device, amp: str):
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    if not use:
+    if not uses_bf16(amp, device):
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
