@@ -93,7 +93,7 @@ def replace_dir(new: Path, target: Path, kind: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 MARKER = ".m4oe.json"  # names what an m4oe output folder is: {"kind": "cache" | "run" | ...}
-FOLDER_KINDS = ("cache", "run", "predictions", "experts", "demo", "bundle")
+FOLDER_KINDS = ("cache", "run", "predictions", "experts", "demo", "bundle", "statistics")
 
 
 class OutputError(ValueError):

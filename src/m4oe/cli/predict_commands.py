@@ -41,6 +41,10 @@ def predict(
         False, help="Also write class probabilities (CASE_probabilities.npz: the label map's voxel order, geometry)."
     ),
     overwrite: bool = typer.Option(False, help="Replace label maps (and probabilities) already in the -o folder."),
+    statistics: bool = typer.Option(
+        False, help="Also write per-structure volume (ml), intensity, bounding box and border flags "
+        "(CASE_statistics.json, statistics.csv)."
+    ),
     routing: str = typer.Option(None, help="Override routing: hard (one expert: faster), soft, uniform."),
     batch_size: int = typer.Option(None, help="Slices per forward pass (default: 16 on a GPU, 8 on a CPU)."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
@@ -62,7 +66,7 @@ def predict(
         )  # fmt: skip
         largest_only = predictor.resolve(dataset, modality).largest_only
         report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities,
-                               overwrite=overwrite)  # fmt: skip
+                               overwrite=overwrite, statistics=statistics)  # fmt: skip
     except (BundleError, PredictError) as err:
         fail(err)
     if largest_only:
@@ -80,8 +84,31 @@ def predict(
     for path, reason in report.failed:
         tagged("skipped", "red", f"{path}: {reason}")
     console.print(f"{len(report.written)} label maps written to {out}")
+    if report.statistics is not None:
+        console.print(f"statistics per structure: {report.statistics} (and CASE_statistics.json per case)")
     if report.failed:
         raise typer.Exit(1)
+
+
+@app.command("statistics")
+def statistics_command(
+    image: Path = typer.Option(..., "--image", "-i", help="Image file (or DICOM series folder), or folder of images."),
+    labels: Path = typer.Option(..., "--labels", "-l", help="Label map file, or a folder of label maps."),
+    out: Path = typer.Option(..., "--output", "-o", help="Folder for CASE_statistics.json and statistics.csv."),
+    names: Path = typer.Option(None, "--names", help="dataset.json naming the labels (default: label_N)."),
+) -> None:
+    """Volume (ml), intensity, bounding box and border flags per structure of existing label maps."""
+    from ..data.io import ImageReadError
+    from ..eval.evaluate import EvaluationError, read_labels_json
+    from ..eval.statistics import StatisticsError, statistics_files
+    from ..files import OutputError
+
+    try:
+        classes = read_labels_json(names) if names else None
+        written = statistics_files(image, labels, out, classes)
+    except (StatisticsError, EvaluationError, ImageReadError, OutputError) as err:
+        fail(err)
+    console.print(f"statistics of {len(written)} label map(s) written to {out / 'statistics.csv'}")
 
 
 @app.command()

@@ -67,6 +67,7 @@ class PredictReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     experts: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[tuple[Path, str]] = field(default_factory=list)
+    statistics: Path | None = None  # the run's statistics.csv
 
 
 def predict_paths(
@@ -78,6 +79,7 @@ def predict_paths(
     probabilities: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    statistics: bool = False,
 ) -> PredictReport:
     """Predict every input; a file that fails is reported and skipped, the others are written.
 
@@ -94,7 +96,7 @@ def predict_paths(
     predictor.resolve(dataset, modality)  # a bad request fails before any file is read
     out_dir = Path(out_dir)
     check_output_names(inputs, out_dir)
-    check_existing_outputs(inputs, out_dir, probabilities, overwrite)
+    check_existing_outputs(inputs, out_dir, probabilities, overwrite, statistics)
     mark_output_dir(out_dir, "predictions")
     outcomes: list[str | tuple[Future, dict]] = []  # per input: why it failed, or (its write, expert weights)
     report = PredictReport()
@@ -111,7 +113,7 @@ def predict_paths(
                 continue
             if writing is not None:
                 wait([writing])  # one result waits behind the one being written, no more
-            writing = writer.submit(_write, out_dir / output_name(path), volume, result)
+            writing = writer.submit(_write, out_dir / output_name(path), volume, result, statistics)
             outcomes.append((writing, result.expert_weights))
             report.warnings += [(path, text) for text in result.warnings]
     for path, outcome in zip(inputs, outcomes, strict=True):
@@ -123,6 +125,8 @@ def predict_paths(
             report.experts[str(path)] = outcome[1]
         except PREDICT_FAILURES as err:
             report.failed.append((path, str(err)))
+    if statistics and report.written:
+        report.statistics = write_run_statistics(out_dir)
     return report
 
 
@@ -147,21 +151,24 @@ def check_output_names(inputs: list[Path], out_dir: Path) -> None:
         raise PredictError(str(err)) from None
 
 
-def output_files(path: Path, out_dir: Path, probabilities: bool) -> list[Path]:
+def output_files(path: Path, out_dir: Path, probabilities: bool, statistics: bool = False) -> list[Path]:
     """Every file predicting ``path`` into ``out_dir`` may write (the label map as NIfTI or, for a
-    sheared direction, MetaImage; the probabilities)."""
+    sheared direction, MetaImage; the probabilities; the statistics)."""
     name = output_name(path)
     files = [out_dir / name, out_dir / name.replace(".nii.gz", ".mha")]
     if probabilities:
         files.append(probabilities_path(out_dir / name))
+    if statistics:
+        files.append(statistics_path(out_dir / name))
     return files
 
 
-def check_existing_outputs(inputs: list[Path], out_dir: Path, probabilities: bool, overwrite: bool) -> None:
+def check_existing_outputs(inputs: list[Path], out_dir: Path, probabilities: bool, overwrite: bool,
+                           statistics: bool = False) -> None:  # fmt: skip
     """Refuse to replace files a prediction would write over, unless ``overwrite``."""
     if overwrite:
         return
-    existing = [f for p in inputs for f in output_files(p, Path(out_dir), probabilities) if f.exists()]
+    existing = [f for p in inputs for f in output_files(p, Path(out_dir), probabilities, statistics) if f.exists()]
     if existing:
         raise PredictError(
             f"-o {out_dir}: {len(existing)} output file(s) exist already, e.g. {existing[0].name}: pass --overwrite "
@@ -171,9 +178,28 @@ def check_existing_outputs(inputs: list[Path], out_dir: Path, probabilities: boo
 
 def probabilities_path(label_path: Path) -> Path:
     """``case.nii.gz`` / ``case.mha`` -> ``case_probabilities.npz``."""
+    return label_path.with_name(f"{case_name(label_path)}_probabilities.npz")
+
+
+def statistics_path(label_path: Path) -> Path:
+    """``case.nii.gz`` / ``case.mha`` -> ``case_statistics.json``."""
+    return label_path.with_name(f"{case_name(label_path)}_statistics.json")
+
+
+def case_name(label_path: Path) -> str:
     name = label_path.name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else label_path.stem
-    return label_path.with_name(f"{stem}_probabilities.npz")
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else label_path.stem
+
+
+def write_run_statistics(out_dir: Path) -> Path:
+    """``statistics.csv``: a row per case and structure of every ``*_statistics.json`` in ``out_dir``."""
+    from ..eval.statistics import csv_rows, read_case, write_run_csv
+
+    rows = []
+    for path in sorted(out_dir.glob("*_statistics.json")):
+        case = read_case(path)
+        rows += csv_rows(case["case"], case["structures"])
+    return write_run_csv(out_dir / "statistics.csv", rows)
 
 
 PREDICT_FAILURES = (ImageReadError, ValueError, RuntimeError, OSError)  # reported per file; other errors stop
@@ -195,7 +221,7 @@ def _load(path: Path) -> Volume:
     return volume
 
 
-def _write(target: Path, volume: Volume, result: Prediction) -> Path:
+def _write(target: Path, volume: Volume, result: Prediction, statistics: bool = False) -> Path:
     if not volume.geometry.orthonormal():
         # NIfTI stores only rotations: ITK would write another direction. MetaImage keeps it exactly.
         target = target.with_name(target.name.replace(".nii.gz", ".mha"))
@@ -217,7 +243,21 @@ def _write(target: Path, volume: Volume, result: Prediction) -> Path:
             origin=np.array(geometry.origin),
             direction=np.array(geometry.direction),
         )
+    if statistics:
+        _write_statistics(target, volume, result, dtype)
     return target
+
+
+def _write_statistics(target: Path, volume: Volume, result: Prediction, dtype) -> None:
+    """``CASE_statistics.json`` of a prediction, on the label map file's grid (as ``m4oe statistics``)."""
+    from ..data.io import from_canonical
+    from ..eval.statistics import structure_statistics, write_case
+
+    labels = from_canonical(result.labels.astype(dtype), volume.geometry, volume.orientation)
+    image = from_canonical(volume.array, volume.geometry, volume.orientation)
+    classes = dict(zip(result.label_values, result.class_names, strict=True))
+    found = structure_statistics(labels, image, classes, fov_edge=result.fov_edge_values)
+    write_case(statistics_path(target), case_name(target), found)
 
 
 # the layout of ``CASE_probabilities.npz``, as docs/prediction.md and the README describe it

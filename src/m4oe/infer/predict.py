@@ -49,6 +49,7 @@ class Prediction:
     probabilities: np.ndarray | None = None  # [classes, z, y, x] float16, canonical order
     warnings: list[str] = field(default_factory=list)
     largest_only: list[str] = field(default_factory=list)  # classes cut to their largest connected component
+    fov_edge_values: set[int] = field(default_factory=set)  # label values reaching the field of view's edge
 
 
 def cpu_threads() -> int:
@@ -253,6 +254,7 @@ class Predictor:
                 p = scores if averaged else scores.softmax(1)
                 probs_out[:, start : start + b] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
         edges = edge_warnings(labels, plan, request.fov)  # in the plan's (flipped) orientation
+        at_edge = {request.values[int(i)] for i in fov_edge_classes(labels, plan) if i}
         labels = flip_in_plane(labels, request.flip)  # back to the file's own orientation
         if probs_out is not None:
             probs_out = flip_in_plane(probs_out, request.flip)
@@ -267,7 +269,7 @@ class Predictor:
         warnings = modality_warnings(volume, request.normalization, self.model.modalities) + edges
         warnings += header_warnings(volume)
         return Prediction(
-            values[labels], request.classes, request.values, experts, probs_out, warnings, largest_only
+            values[labels], request.classes, request.values, experts, probs_out, warnings, largest_only, at_edge
         )
 
 
@@ -298,12 +300,22 @@ def header_warnings(volume: Volume) -> list[str]:
     ]
 
 
-def edge_warnings(labels: np.ndarray, plan: SlicePlan, fov: float) -> list[str]:
-    """A structure that reaches the edge of a cut-down field of view may go on beyond it: say so."""
+def _fov_edges(labels: np.ndarray, plan: SlicePlan) -> list[np.ndarray]:
+    """The four edges of a cut-down field of view in ``labels`` (the plan's orientation); none without a cut."""
     if plan.crop is None:
         return []
     top, bottom, left, right = plan.crop
-    edges = [labels[:, top], labels[:, bottom - 1], labels[:, top:bottom, left], labels[:, top:bottom, right - 1]]
+    return [labels[:, top], labels[:, bottom - 1], labels[:, top:bottom, left], labels[:, top:bottom, right - 1]]
+
+
+def fov_edge_classes(labels: np.ndarray, plan: SlicePlan) -> set[int]:
+    """The class indices of ``labels`` on the edge of a cut-down field of view."""
+    return {int(v) for e in _fov_edges(labels, plan) for v in np.unique(e)}
+
+
+def edge_warnings(labels: np.ndarray, plan: SlicePlan, fov: float) -> list[str]:
+    """A structure that reaches the edge of a cut-down field of view may go on beyond it: say so."""
+    edges = _fov_edges(labels, plan)
     touching = sum(int(np.count_nonzero(e)) for e in edges)
     if not touching:
         return []
