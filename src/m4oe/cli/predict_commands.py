@@ -24,7 +24,9 @@ def _angles(text: str | None) -> tuple[float, ...]:
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder (e.g. RUN/best)."),
+    model: list[Path] = typer.Option(
+        ..., "--model", "-m", help="Model bundle folder (e.g. RUN/best); give several (-m A -m B) for an ensemble."
+    ),
     inputs: Path = typer.Option(..., "--input", "-i", help="Image file, folder of images, or DICOM series folder."),
     out: Path = typer.Option(..., "--output", "-o", help="Folder for the label maps (NIfTI)."),
     dataset: str = typer.Option(None, help="Label set and normalisation of this training dataset."),
@@ -54,16 +56,18 @@ def predict(
 ) -> None:
     """Segment volumes; label maps keep the input's spacing, origin and direction."""
     from ..bundle import BundleError, load_bundle
+    from ..infer.ensemble import EnsemblePredictor
     from ..infer.files import collect_inputs, predict_paths
     from ..infer.predict import PredictError, Predictor, cpu_has_bf16
 
     try:
         rotations = _angles(tta_rotate)
-        bundle = load_bundle(model)
-        predictor = Predictor(
-            bundle, device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing, precision=precision,
-            postprocess=postprocess, rotations=rotations,
-        )  # fmt: skip
+        members = [
+            Predictor(load_bundle(path), device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing,
+                      precision=precision, postprocess=postprocess, rotations=rotations)
+            for path in model
+        ]  # fmt: skip
+        predictor = members[0] if len(members) == 1 else EnsemblePredictor(members)
         largest_only = predictor.resolve(dataset, modality).largest_only
         report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities,
                                overwrite=overwrite, statistics=statistics)  # fmt: skip
@@ -88,6 +92,23 @@ def predict(
         console.print(f"statistics per structure: {report.statistics} (and CASE_statistics.json per case)")
     if report.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def ensemble(
+    folders: list[Path] = typer.Argument(..., help="Folders of CASE_probabilities.npz (predict --probabilities)."),
+    out: Path = typer.Option(..., "--output", "-o", help="Folder for the ensemble's label maps."),
+    probabilities: bool = typer.Option(False, help="Also write the mean probabilities (CASE_probabilities.npz)."),
+) -> None:
+    """Label maps of the mean softmax of saved predictions: what predict -m A -m B gives."""
+    from ..infer.ensemble import ensemble_folders
+    from ..infer.predict import PredictError
+
+    try:
+        written = ensemble_folders(folders, out, probabilities)
+    except (PredictError, OSError, KeyError) as err:
+        fail(err)
+    console.print(f"{len(written)} label maps of the ensemble of {len(folders)} written to {out}")
 
 
 @app.command("statistics")

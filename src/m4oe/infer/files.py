@@ -232,17 +232,9 @@ def _write(target: Path, volume: Volume, result: Prediction, statistics: bool = 
     else:
         write_volume(result.labels.astype(dtype), volume.geometry, target, volume.orientation)
     if result.probabilities is not None:
-        geometry = volume.geometry
-        _save_npz(
-            probabilities_path(target),
-            probabilities=in_file_order(result.probabilities, geometry, volume.orientation),
-            classes=np.array(result.class_names),
-            label_values=np.array(result.label_values),
-            axes=np.array(PROBABILITY_AXES),
-            spacing=np.array(geometry.spacing),
-            origin=np.array(geometry.origin),
-            direction=np.array(geometry.direction),
-        )
+        probabilities = in_file_order(result.probabilities, volume.geometry, volume.orientation)
+        save_probabilities(probabilities_path(target), probabilities, result.class_names, result.label_values,
+                           volume.geometry, result.largest_only)  # fmt: skip
     if statistics:
         _write_statistics(target, volume, result, dtype)
     return target
@@ -276,6 +268,24 @@ def in_file_order(probabilities: np.ndarray, geometry, orientation: str) -> np.n
         return sitk.GetArrayFromImage(from_canonical(wide, geometry, orientation)).astype(channel.dtype)
 
     return np.stack([reorder(p) for p in probabilities])
+
+
+def save_probabilities(path: Path, probabilities: np.ndarray, classes: list[str], values: list[int], geometry,
+                       largest_only: list[str]) -> None:  # fmt: skip
+    """``CASE_probabilities.npz``: ``[class, z, y, x]`` float16 in the label map file's voxel order, with
+    the class names, their label values, the grid, and the classes post-processing cut to their
+    largest component (what ``m4oe ensemble`` needs to give predict's answer)."""
+    _save_npz(
+        path,
+        probabilities=probabilities,
+        classes=np.array(classes),
+        label_values=np.array(values),
+        axes=np.array(PROBABILITY_AXES),
+        spacing=np.array(geometry.spacing),
+        origin=np.array(geometry.origin),
+        direction=np.array(geometry.direction),
+        largest_only=np.array(largest_only, dtype=str),
+    )
 
 
 def _save_npz(path: Path, **arrays) -> None:

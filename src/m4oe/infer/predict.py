@@ -113,9 +113,9 @@ class Predictor:
             connected component of the classes where training's validation found that this raised
             Dice. Needs ``dataset``; ``keep_largest`` applies it to every class instead.
         routing: override the model's routing (``hard`` runs one expert per sample: faster).
-        precision: ``fp32``, ``bf16`` (weights and activations) or ``auto``: bf16 on a GPU and on a
-            CPU with bf16 matrix instructions (AVX512-BF16 or AMX; the model runs about 3x faster
-            than in fp32 there), fp32 elsewhere. The model is moved and cast in place.
+        precision: ``fp32``, ``bf16`` (weights and activations) or ``auto``: bf16 on a GPU, fp32 on a
+            CPU (on a CPU with bf16 matrix instructions, AVX512-BF16 or AMX, ``bf16`` runs the model
+            about 3x faster). The model is moved and cast in place.
 
     On the CPU it sets two process-wide things: PyTorch's thread count (all cores) and glibc's
     allocator thresholds (:func:`m4oe.memory.keep_freed_memory`).
