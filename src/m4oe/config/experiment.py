@@ -129,6 +129,13 @@ class TrainConfig:
     # sample: soft Dice per sample, averaged | batch: nnU-Net's batch Dice within each dataset |
     # batch_present: the same over the classes present in or predicted for each dataset's share
     dice: str = "sample"
+    # ways to make the experts modality experts (issue #29): an auxiliary loss, the mean over gated
+    # layers and tokens of -log(gate weight of the sample's own modality expert), with this weight ...
+    route_weight: float = 0.0
+    route_decay: float = 0.0  # ... falling linearly to 0 over this fraction of phase 2 (0: constant)
+    # a routing curriculum (MoME's): each soft gate mixed with the sample's own expert, all of it at the
+    # start, handing over linearly to the learnt gate alone by this fraction of phase 2 (0: off)
+    handover: float = 0.0
     optimizer: str = "adamw"  # adamw | sgd (Nesterov, momentum 0.99, as nnU-Net)
     schedule: str = "cosine"  # cosine | poly (nnU-Net's (1 - step/steps)^0.9), after the warm-up
     augment: bool = True
@@ -156,7 +163,7 @@ class TrainConfig:
             if value <= 0:
                 raise ConfigError(f"train.{name} must be a positive number, got {value!r}")
         at_least_zero = ("min_lr", "weight_decay", "warmup_epochs", "grad_clip", "ce_weight", "dice_weight",
-                         "val_every", "checkpoint_every", "seed")  # fmt: skip
+                         "val_every", "checkpoint_every", "seed", "route_weight")  # fmt: skip
         for name in at_least_zero:
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)!r}")
@@ -178,6 +185,9 @@ class TrainConfig:
         for name, allowed in (("routing", ROUTING_MODES), ("baseline", BASELINES)):
             if getattr(self, name) is not None and getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {allowed} or left out, got {getattr(self, name)!r}")
+        for name in ("route_decay", "handover"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name} must be a fraction of phase 2 in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"train.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.foreground_fraction <= 1.0:

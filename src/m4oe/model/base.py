@@ -103,6 +103,13 @@ class SegmentationModel(nn.Module):
         """The gates' weights and biases and the modality embeddings (what soft routing alone trains)."""
         return {name for name, role in self.moe_parameter_roles().items() if role != "expert"}
 
+    def set_own_share(self, share: float) -> None:
+        """Mix each sample's own expert into every soft gate by ``share`` (0: the gate alone; a
+        routing curriculum hands over from 1 to 0 during training)."""
+        for module in self.modules():
+            if hasattr(module, "own_share"):
+                module.own_share = float(share)
+
     def set_routing(self, routing: str) -> None:
         """Change the routing mode of every M4oE layer (e.g. ``hard`` for fast inference)."""
         self.config = self.config.replace(routing=routing)

@@ -90,6 +90,9 @@ class MoEMLP(nn.Module):
                     raise ValueError(f"closed pair ({m}, {e}) out of range for {num_experts} experts")
                 offset[m, e] = float("-inf")
         self.register_buffer("gate_offset", offset, persistent=False)  # [modality, expert]: 0 or -inf
+        # the share of each sample's own expert mixed into the soft gates (a routing curriculum in
+        # training: 1 is hard routing, 0 the learnt gate alone; see train.handover)
+        self.own_share = 0.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -140,9 +143,19 @@ class MoEMLP(nn.Module):
             gates = x.new_full((*x.shape[:-1], self.num_experts), 1.0 / self.num_experts)
         elif routing == "soft":
             gates = self.gate_weights(x, modality)
+            if self.own_share > 0:
+                gates = self._with_own_expert(gates, modality)
         else:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
         return self._mix(x, gates), gates
+
+    def _with_own_expert(self, gates: Tensor, modality: Tensor | int | None) -> Tensor:
+        """``(1 - s) gates + s onehot(own expert)`` with ``s = own_share``."""
+        if modality is None:
+            raise ValueError("a routing curriculum (own_share > 0) needs the modality of every sample")
+        experts = torch.arange(self.num_experts, device=gates.device)
+        own = (torch.as_tensor(modality, device=gates.device).reshape(-1, 1) == experts).to(gates.dtype)
+        return (1 - self.own_share) * gates + self.own_share * own[:, None, :]
 
     def _mix(self, x: Tensor, gates: Tensor) -> Tensor:
         E, H, C = self.num_experts, self.hidden, self.dim

@@ -49,6 +49,8 @@ class SegmentationTask:
         self.model, self.module, self.cache, self.routing = model, model, cache, routing
         self.ce_weight, self.dice_weight, self.device, self.val_batch = ce_weight, dice_weight, device, val_batch
         self.dice = dice
+        self.route_weight, self.route_decay, self.handover = 0.0, 0.0, 0.0
+        self.progress = 0.0  # the share of the run done, set by fit before each step
         # the model may know datasets and modalities the cache does not hold (add-modality), and back
         self.dataset_map = {cache.dataset_names.index(n): i for i, n in enumerate(model.dataset_names)
                             if n in cache.dataset_names}  # fmt: skip
@@ -73,7 +75,23 @@ class SegmentationTask:
         """The task as a run's training config sets it: routing, loss weights and Dice variant (every
         workflow builds its task here, so none can leave a setting out)."""
         routing = config.routing or model.config.routing
-        return cls(model, cache, routing, config.ce_weight, config.dice_weight, device, dice=config.dice, **kwargs)
+        task = cls(model, cache, routing, config.ce_weight, config.dice_weight, device, dice=config.dice, **kwargs)
+        task.route_weight, task.route_decay, task.handover = config.route_weight, config.route_decay, config.handover
+        return task
+
+    def set_progress(self, progress: float) -> None:
+        """Called by the loop before each step with the share of the run done (0 to 1): the routing
+        curriculum's share of each sample's own expert follows it."""
+        self.progress = progress
+        if self.handover and self.routing == "soft":
+            self.model.set_own_share(max(0.0, 1.0 - progress / self.handover))
+
+    def routing_loss_weight(self) -> float:
+        if not self.route_weight or self.routing != "soft":
+            return 0.0
+        if not self.route_decay:
+            return self.route_weight
+        return self.route_weight * max(0.0, 1.0 - self.progress / self.route_decay)
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
         dataset = self.dataset_lut[batch["dataset"]]
@@ -81,11 +99,24 @@ class SegmentationTask:
         classes = self.model.head.label_mask[dataset]
         target = self.class_lut[batch["label"]]
         weights = {"ce_weight": self.ce_weight, "dice_weight": self.dice_weight, "dice": self.dice, "dataset": dataset}
+        route = self.routing_loss_weight()
+        options: dict[str, Any] = {"routing": self.routing}
+        if route:
+            options["return_gates"] = True
         if self.model.config.deep_supervision:
-            logits, aux = module(batch["image"], modality, dataset, routing=self.routing, deep_supervision=True)
-            return deep_supervision_loss(logits, aux, target, classes, **weights)
-        logits = module(batch["image"], modality, dataset, routing=self.routing)
-        return segmentation_loss(logits, target, classes, **weights)
+            options["deep_supervision"] = True
+        outputs = module(batch["image"], modality, dataset, **options)
+        if not isinstance(outputs, tuple):
+            outputs = (outputs,)
+        logits, gates = outputs[0], outputs[1] if route else None
+        if self.model.config.deep_supervision:
+            loss, logs = deep_supervision_loss(logits, outputs[-1], target, classes, **weights)
+        else:
+            loss, logs = segmentation_loss(logits, target, classes, **weights)
+        if route:
+            routing = own_expert_loss(gates, modality)
+            loss, logs = loss + route * routing, {**logs, "route": routing.detach()}
+        return loss, logs
 
     def validation_slices(self) -> int:
         """Slices one validation runs through the model (a time budget's first estimate of its cost)."""
@@ -94,6 +125,7 @@ class SegmentationTask:
 
     def validate(self, autocast) -> dict | None:
         self.model.set_routing(self.routing)
+        self.model.set_own_share(0.0)  # validated as the bundle will be used: the gate alone
         result = validate(
             self.model,
             self.cache,
@@ -112,6 +144,16 @@ class SegmentationTask:
         extra["datasets"] = {**self.extra_datasets, **extra["datasets"]}
         extra["postprocessing"] = {"keep_largest": {**self.carried_postprocessing, **self.postprocessing}}
         return extra
+
+
+def own_expert_loss(gates: list[Tensor], modality: Tensor) -> Tensor:
+    """The mean over gated layers, samples and tokens of ``-log`` the gate weight of each sample's own
+    modality expert (``gates``: ``[B, L, E]`` per layer; ``modality``: ``[B]`` expert indices)."""
+    losses = []
+    for layer in gates:
+        own = layer.gather(-1, modality.view(-1, 1, 1).expand(-1, layer.shape[1], 1)).squeeze(-1)
+        losses.append(-torch.log(own.float().clamp_min(1e-6)).mean())
+    return torch.stack(losses).mean()
 
 
 def _lut(mapping: dict[int, int], size: int) -> Tensor:

@@ -215,6 +215,9 @@ def fit(
         for batch_index, batch in enumerate(loader, start=first_batch):
             if stop_at_step is not None and position.step >= stop_at_step:
                 raise KeyboardInterrupt(f"stopped before step {position.step} (stop_at_step)")
+            if hasattr(task, "set_progress"):  # a routing curriculum or a decaying loss follows the run
+                total = budget.total_steps if budget is not None else epochs * steps_per_epoch
+                task.set_progress(min(1.0, position.step / max(1, total)))
             batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
             if augment is not None:
                 batch["image"], batch["label"] = augment_batch(batch["image"], batch["label"], augment, generator)
