@@ -53,6 +53,9 @@ def predict(
     precision: str = typer.Option(
         "auto", help="fp32, bf16, or auto: bf16 on a GPU, fp32 on a CPU (the one meaning of auto, as in training)."
     ),
+    engine: str = typer.Option("torch", help="torch, or onnx: the model's slices through onnxruntime (CPU, fp32)."),
+    onnx: Path = typer.Option(None, help="With --engine onnx: a file of m4oe export for this request (default: "
+                              "exported for it on the fly)."),  # fmt: skip
 ) -> None:
     """Segment volumes; label maps keep the input's spacing, origin and direction."""
     from ..bundle import BundleError, load_bundle
@@ -64,7 +67,7 @@ def predict(
         rotations = _angles(tta_rotate)
         members = [
             Predictor(load_bundle(path), device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing,
-                      precision=precision, postprocess=postprocess, rotations=rotations)
+                      precision=precision, postprocess=postprocess, rotations=rotations, engine=engine, onnx=onnx)
             for path in model
         ]  # fmt: skip
         predictor = members[0] if len(members) == 1 else EnsemblePredictor(members)
@@ -92,6 +95,31 @@ def predict(
         console.print(f"statistics per structure: {report.statistics} (and CASE_statistics.json per case)")
     if report.failed:
         raise typer.Exit(1)
+
+
+@app.command("export")
+def export_command(
+    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder."),
+    out: Path = typer.Option(..., "--output", "-o", help="ONNX file to write."),
+    dataset: str = typer.Option(None, help="The label set (and dataset embedding) the file serves."),
+    modality: str = typer.Option(None, help="The expert (with --routing hard: the only one exported)."),
+    routing: str = typer.Option(None, help="soft (the gate; default), hard (one expert: faster) or uniform."),
+) -> None:
+    """Export a bundle for one request to ONNX (image -> logits), checked against PyTorch."""
+    from ..bundle import BundleError, load_bundle
+    from ..infer.onnx import export_onnx
+    from ..infer.predict import PredictError
+
+    if out.suffix != ".onnx":
+        fail(PredictError(f"-o {out}: give a file name ending in .onnx"))
+    try:
+        done = export_onnx(load_bundle(model), out, dataset, modality, routing)
+    except (BundleError, PredictError) as err:
+        fail(err)
+    meta = done["meta"]
+    console.print(f"written {out} ({meta['routing']} routing, dataset {meta['dataset']}, expert {meta['modality']}) "
+                  f"in {done['seconds']:.1f} s; largest |logit difference| against PyTorch on random slices: "
+                  f"{done['max_abs_diff']:.2e}")  # fmt: skip
 
 
 @app.command()

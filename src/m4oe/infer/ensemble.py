@@ -74,6 +74,11 @@ class EnsemblePredictor:
                 )
         return first
 
+    def check_request(self, dataset: str | None, modality: str | None) -> PredictRequest:
+        for member in self.members:
+            member.check_request(dataset, modality)
+        return self.resolve(dataset, modality)
+
     def predict_volume(self, volume: Volume, dataset: str | None = None, modality: str | None = None,
                        probabilities: bool = False) -> Prediction:  # fmt: skip
         request = self.resolve(dataset, modality)

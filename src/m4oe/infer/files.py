@@ -93,7 +93,7 @@ def predict_paths(
     """
     from tqdm.auto import tqdm
 
-    predictor.resolve(dataset, modality)  # a bad request fails before any file is read
+    predictor.check_request(dataset, modality)  # a bad request fails before any file is read
     out_dir = Path(out_dir)
     check_output_names(inputs, out_dir)
     check_existing_outputs(inputs, out_dir, probabilities, overwrite, statistics)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,8 +133,14 @@ class Predictor:
         precision: str = "auto",
         postprocess: bool = True,
         rotations: tuple[float, ...] = (),
+        engine: str = "torch",
+        onnx: str | os.PathLike | None = None,
     ) -> None:
         check_segmentation_bundle(model, "--model")
+        if engine not in ENGINES:
+            raise PredictError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+        if engine == "onnx":
+            device, precision = _onnx_device(device, precision)
         self.device = resolve_device(device)
         # The whole model runs in bf16 (weights and activations), not under autocast: faster.
         self.dtype = inference_dtype(precision, self.device)
@@ -150,6 +157,8 @@ class Predictor:
         self.rotations = check_rotations(rotations)
         self.postprocess = postprocess
         self.engine = SliceEngine(self.model, self.device, batch_size, self.dtype, tta=tta, rotations=self.rotations)
+        self.engine_name, self.onnx_path = engine, onnx
+        self._onnx_engines: dict[tuple, SliceEngine] = {}
         self.datasets = getattr(model, "bundle_extra", {}).get("datasets", {})
         self.largest_only = getattr(model, "bundle_extra", {}).get("postprocessing", {}).get("keep_largest", {})
         if self.device.type == "cpu":
@@ -203,6 +212,35 @@ class Predictor:
             largest_only=self._largest_only(dataset, classes),
         )
 
+    def check_request(self, dataset: str | None, modality: str | None) -> PredictRequest:
+        """Resolve a request and set up what serves it (an ONNX engine is exported and checked here),
+        so that a request this predictor cannot serve fails before any file is read."""
+        request = self.resolve(dataset, modality)
+        self._engine_for(request, dataset)
+        return request
+
+    def _engine_for(self, request: PredictRequest, dataset: str | None) -> SliceEngine:
+        """The slice engine of a request: PyTorch's, or (``engine="onnx"``) one whose model is an
+        onnxruntime session of the request's export (``onnx``, or exported here once per request)."""
+        if self.engine_name == "torch":
+            return self.engine
+        from .onnx import OnnxModel, OnnxSession, export_onnx, weights_digest
+
+        modality = None if request.modality is None else self.model.modalities[request.modality]
+        key = (dataset, modality)
+        if key not in self._onnx_engines:
+            path = self.onnx_path
+            if path is None:
+                import tempfile
+
+                path = Path(tempfile.mkdtemp(prefix="m4oe-onnx-")) / "model.onnx"
+                export_onnx(self.model, path, dataset, modality)
+            stand_in = OnnxModel(OnnxSession(path), self.model)
+            stand_in.check(dataset, modality, self.model.config.routing, weights_digest(self.model))
+            self._onnx_engines[key] = SliceEngine(stand_in, self.device, self.batch_size, torch.float32, tta=self.tta,
+                                                  rotations=self.rotations)  # fmt: skip
+        return self._onnx_engines[key]
+
     def _fov(self, dataset: str | None, modality: str | None) -> float:
         """The part of each slice the model sees: the dataset's ``fov``; without a dataset, the one that
         all datasets of the modality (or of the model) share, else the whole slice (nothing is cut)."""
@@ -241,8 +279,9 @@ class Predictor:
         labels = np.zeros(volume.array.shape, dtype=np.uint8 if few else np.int16)
         probs_out = np.zeros((len(class_index), *volume.array.shape), np.float16) if probabilities else None
         gate_sum, gate_count = None, 0
-        averaged = self.engine.averaged  # probabilities averaged over views, not logits
-        for part in self.engine.batches(slices, request.slices):
+        engine = self._engine_for(request, dataset)
+        averaged = engine.averaged  # probabilities averaged over views, not logits
+        for part in engine.batches(slices, request.slices):
             start, b = part.start, part.size
             if part.gate_sums is not None:
                 means = part.gate_sums.mean(0)  # [E]: the mean over blocks
@@ -325,6 +364,18 @@ def edge_warnings(labels: np.ndarray, plan: SlicePlan, fov: float) -> list[str]:
     ]
 
 
+
+
+ENGINES = ("torch", "onnx")
+
+
+def _onnx_device(device, precision: str) -> tuple[str, str]:
+    """onnxruntime runs here on the CPU in fp32: refuse anything else."""
+    if device is not None and str(device) != "cpu":
+        raise PredictError(f"--engine onnx runs on the CPU (onnxruntime's CPU provider), not --device {device}")
+    if precision == "bf16":
+        raise PredictError("--engine onnx runs in fp32; leave out --precision bf16")
+    return "cpu", "fp32"
 
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
