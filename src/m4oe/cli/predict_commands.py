@@ -47,6 +47,9 @@ def predict(
         False, help="Also write per-structure volume (ml), intensity, bounding box and border flags "
         "(CASE_statistics.json, statistics.csv)."
     ),
+    dicom_seg: bool = typer.Option(
+        False, help="For DICOM series in: also a DICOM-SEG referencing the series (CASE_seg.dcm; m4oe[dicom])."
+    ),
     routing: str = typer.Option(None, help="Override routing: hard (one expert: faster), soft, uniform."),
     batch_size: int = typer.Option(None, help="Slices per forward pass (default: 16 on a GPU, 8 on a CPU)."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
@@ -73,7 +76,7 @@ def predict(
         predictor = members[0] if len(members) == 1 else EnsemblePredictor(members)
         largest_only = predictor.resolve(dataset, modality).largest_only
         report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities,
-                               overwrite=overwrite, statistics=statistics)  # fmt: skip
+                               overwrite=overwrite, statistics=statistics, dicom_seg=dicom_seg)  # fmt: skip
     except (BundleError, PredictError) as err:
         fail(err)
     if largest_only:

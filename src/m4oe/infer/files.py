@@ -80,6 +80,7 @@ def predict_paths(
     progress: bool = True,
     overwrite: bool = False,
     statistics: bool = False,
+    dicom_seg: bool = False,
 ) -> PredictReport:
     """Predict every input; a file that fails is reported and skipped, the others are written.
 
@@ -96,7 +97,11 @@ def predict_paths(
     predictor.check_request(dataset, modality)  # a bad request fails before any file is read
     out_dir = Path(out_dir)
     check_output_names(inputs, out_dir)
-    check_existing_outputs(inputs, out_dir, probabilities, overwrite, statistics)
+    check_existing_outputs(inputs, out_dir, probabilities, overwrite, statistics, dicom_seg)
+    if dicom_seg:
+        from .dicom_seg import check_inputs
+
+        check_inputs(inputs)
     mark_output_dir(out_dir, "predictions")
     outcomes: list[str | tuple[Future, dict]] = []  # per input: why it failed, or (its write, expert weights)
     report = PredictReport()
@@ -113,7 +118,8 @@ def predict_paths(
                 continue
             if writing is not None:
                 wait([writing])  # one result waits behind the one being written, no more
-            writing = writer.submit(_write, out_dir / output_name(path), volume, result, statistics)
+            writing = writer.submit(_write, out_dir / output_name(path), volume, result, statistics,
+                                    path if dicom_seg else None)  # fmt: skip
             outcomes.append((writing, result.expert_weights))
             report.warnings += [(path, text) for text in result.warnings]
     for path, outcome in zip(inputs, outcomes, strict=True):
@@ -151,24 +157,28 @@ def check_output_names(inputs: list[Path], out_dir: Path) -> None:
         raise PredictError(str(err)) from None
 
 
-def output_files(path: Path, out_dir: Path, probabilities: bool, statistics: bool = False) -> list[Path]:
+def output_files(path: Path, out_dir: Path, probabilities: bool, statistics: bool = False,
+                 dicom_seg: bool = False) -> list[Path]:  # fmt: skip
     """Every file predicting ``path`` into ``out_dir`` may write (the label map as NIfTI or, for a
-    sheared direction, MetaImage; the probabilities; the statistics)."""
+    sheared direction, MetaImage; the probabilities; the statistics; the DICOM-SEG)."""
     name = output_name(path)
     files = [out_dir / name, out_dir / name.replace(".nii.gz", ".mha")]
     if probabilities:
         files.append(probabilities_path(out_dir / name))
     if statistics:
         files.append(statistics_path(out_dir / name))
+    if dicom_seg:
+        files.append(dicom_seg_path(out_dir / name))
     return files
 
 
 def check_existing_outputs(inputs: list[Path], out_dir: Path, probabilities: bool, overwrite: bool,
-                           statistics: bool = False) -> None:  # fmt: skip
+                           statistics: bool = False, dicom_seg: bool = False) -> None:  # fmt: skip
     """Refuse to replace files a prediction would write over, unless ``overwrite``."""
     if overwrite:
         return
-    existing = [f for p in inputs for f in output_files(p, Path(out_dir), probabilities, statistics) if f.exists()]
+    existing = [f for p in inputs for f in output_files(p, Path(out_dir), probabilities, statistics, dicom_seg)
+                if f.exists()]  # fmt: skip
     if existing:
         raise PredictError(
             f"-o {out_dir}: {len(existing)} output file(s) exist already, e.g. {existing[0].name}: pass --overwrite "
@@ -179,6 +189,11 @@ def check_existing_outputs(inputs: list[Path], out_dir: Path, probabilities: boo
 def probabilities_path(label_path: Path) -> Path:
     """``case.nii.gz`` / ``case.mha`` -> ``case_probabilities.npz``."""
     return label_path.with_name(f"{case_name(label_path)}_probabilities.npz")
+
+
+def dicom_seg_path(label_path: Path) -> Path:
+    """``case.nii.gz`` -> ``case_seg.dcm``."""
+    return label_path.with_name(f"{case_name(label_path)}_seg.dcm")
 
 
 def statistics_path(label_path: Path) -> Path:
@@ -221,7 +236,8 @@ def _load(path: Path) -> Volume:
     return volume
 
 
-def _write(target: Path, volume: Volume, result: Prediction, statistics: bool = False) -> Path:
+def _write(target: Path, volume: Volume, result: Prediction, statistics: bool = False,
+           dicom_series: Path | None = None) -> Path:  # fmt: skip
     if not volume.geometry.orthonormal():
         # NIfTI stores only rotations: ITK would write another direction. MetaImage keeps it exactly.
         target = target.with_name(target.name.replace(".nii.gz", ".mha"))
@@ -237,6 +253,12 @@ def _write(target: Path, volume: Volume, result: Prediction, statistics: bool = 
                            volume.geometry, result.largest_only)  # fmt: skip
     if statistics:
         _write_statistics(target, volume, result, dtype)
+    if dicom_series is not None:
+        from .dicom_seg import write_dicom_seg
+
+        labels = in_file_order(result.labels[None].astype(dtype), volume.geometry, volume.orientation)[0]
+        classes = dict(zip(result.label_values, result.class_names, strict=True))
+        write_dicom_seg(dicom_series, labels, classes, dicom_seg_path(target))
     return target
 
 
