@@ -47,6 +47,10 @@ def predict(
         False, help="Also write per-structure volume (ml), intensity, bounding box and border flags "
         "(CASE_statistics.json, statistics.csv)."
     ),
+    uncertainty: bool = typer.Option(
+        False, help="Also write per-voxel entropy and disagreement maps (CASE_entropy/_disagreement.nii.gz; with "
+        "one mixture-of-experts model, one more pass per expert)."
+    ),
     dicom_seg: bool = typer.Option(
         False, help="For DICOM series in: also a DICOM-SEG referencing the series (CASE_seg.dcm; m4oe[dicom])."
     ),
@@ -76,7 +80,8 @@ def predict(
         predictor = members[0] if len(members) == 1 else EnsemblePredictor(members)
         largest_only = predictor.resolve(dataset, modality).largest_only
         report = predict_paths(predictor, collect_inputs(inputs), out, dataset, modality, probabilities,
-                               overwrite=overwrite, statistics=statistics, dicom_seg=dicom_seg)  # fmt: skip
+                               overwrite=overwrite, statistics=statistics, dicom_seg=dicom_seg,
+                               uncertainty=uncertainty)  # fmt: skip
     except (BundleError, PredictError) as err:
         fail(err)
     if largest_only:

@@ -19,7 +19,8 @@ import numpy as np
 from ..files import write_csv, write_json
 
 CSV_COLUMNS = ["case", "structure", "label", "voxels", "volume_ml", "intensity_mean", "intensity_std",
-               "bbox_min_mm", "bbox_max_mm", "extent_mm", "touches_border", "touches_fov_edge"]  # fmt: skip
+               "bbox_min_mm", "bbox_max_mm", "extent_mm", "touches_border", "touches_fov_edge",
+               "entropy_mean", "disagreement_mean"]  # fmt: skip
 
 
 class StatisticsError(ValueError):
@@ -27,7 +28,8 @@ class StatisticsError(ValueError):
 
 
 def structure_statistics(labels, image=None, classes: dict[int, str] | None = None,
-                         fov_edge: set[int] | frozenset[int] = frozenset()) -> dict[str, dict[str, Any]]:  # fmt: skip
+                         fov_edge: set[int] | frozenset[int] = frozenset(),
+                         maps: dict | None = None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Statistics of every structure of ``labels`` (a SimpleITK label image).
 
     Args:
@@ -36,6 +38,8 @@ def structure_statistics(labels, image=None, classes: dict[int, str] | None = No
         classes: label value -> structure name; every named structure gets a row, present or not
             (default: the values found, named ``label_N``). Value 0 (background) is left out.
         fov_edge: label values that reach the edge of the model's field of view (from prediction).
+        maps: name -> per-voxel map on the same grid (SimpleITK images; ``predict --uncertainty``'s
+            ``entropy`` and ``disagreement``): each adds ``NAME_mean``, its mean inside the structure.
 
     Returns:
         name -> ``label``, ``voxels``, ``volume_ml`` (voxels x voxel volume), ``intensity_mean`` and
@@ -53,6 +57,10 @@ def structure_statistics(labels, image=None, classes: dict[int, str] | None = No
         intensities = sitk.GetArrayViewFromImage(image)
     if classes is None:
         classes = {int(v): f"label_{int(v)}" for v in np.unique(values) if v != 0}
+    views = {}
+    for kind, image_map in (maps or {}).items():
+        _check_same_grid(labels, image_map)
+        views[kind] = sitk.GetArrayViewFromImage(image_map)
     spacing = np.asarray(labels.GetSpacing(), dtype=np.float64)  # x, y, z
     voxel_ml = float(np.prod(spacing)) / 1000.0
     out = {}
@@ -61,6 +69,8 @@ def structure_statistics(labels, image=None, classes: dict[int, str] | None = No
             continue
         mask = values == value
         out[name] = _one(labels, mask, intensities, spacing, voxel_ml, value, value in fov_edge)
+        for kind, array in views.items():
+            out[name][f"{kind}_mean"] = float(array[mask].mean(dtype=np.float64)) if mask.any() else None
     return out
 
 

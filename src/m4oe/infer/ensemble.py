@@ -80,7 +80,9 @@ class EnsemblePredictor:
         return self.resolve(dataset, modality)
 
     def predict_volume(self, volume: Volume, dataset: str | None = None, modality: str | None = None,
-                       probabilities: bool = False) -> Prediction:  # fmt: skip
+                       probabilities: bool = False, uncertainty: bool = False) -> Prediction:  # fmt: skip
+        from .uncertainty import ensemble_maps
+
         request = self.resolve(dataset, modality)
         results = [member.predict_volume(volume, dataset, modality, probabilities=True) for member in self.members]
         largest = [member.resolve(dataset, modality).largest_only for member in self.members]
@@ -93,6 +95,7 @@ class EnsemblePredictor:
             values[combined.index], request.classes, request.values, experts,
             combined.probabilities if probabilities else None, warnings, agreed,
             set().union(*(r.fov_edge_values for r in results)),
+            ensemble_maps([r.probabilities for r in results]) if uncertainty else None,
         )  # fmt: skip
 
 

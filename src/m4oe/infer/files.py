@@ -81,6 +81,7 @@ def predict_paths(
     overwrite: bool = False,
     statistics: bool = False,
     dicom_seg: bool = False,
+    uncertainty: bool = False,
 ) -> PredictReport:
     """Predict every input; a file that fails is reported and skipped, the others are written.
 
@@ -97,7 +98,7 @@ def predict_paths(
     predictor.check_request(dataset, modality)  # a bad request fails before any file is read
     out_dir = Path(out_dir)
     check_output_names(inputs, out_dir)
-    check_existing_outputs(inputs, out_dir, probabilities, overwrite, statistics, dicom_seg)
+    check_existing_outputs(inputs, out_dir, Outputs(probabilities, statistics, dicom_seg, uncertainty), overwrite)
     if dicom_seg:
         from .dicom_seg import check_inputs
 
@@ -112,7 +113,7 @@ def predict_paths(
             current, loading = loading, reader.submit(_load, inputs[i + 1]) if i + 1 < len(inputs) else None
             try:
                 volume = current.result()
-                result = predictor.predict_volume(volume, dataset, modality, probabilities)
+                result = predictor.predict_volume(volume, dataset, modality, probabilities, uncertainty=uncertainty)
             except PREDICT_FAILURES as err:
                 outcomes.append(str(err))
                 continue
@@ -157,28 +158,37 @@ def check_output_names(inputs: list[Path], out_dir: Path) -> None:
         raise PredictError(str(err)) from None
 
 
-def output_files(path: Path, out_dir: Path, probabilities: bool, statistics: bool = False,
-                 dicom_seg: bool = False) -> list[Path]:  # fmt: skip
+@dataclass(frozen=True)
+class Outputs:
+    """What a prediction writes besides each label map."""
+
+    probabilities: bool = False
+    statistics: bool = False
+    dicom_seg: bool = False
+    uncertainty: bool = False
+
+
+def output_files(path: Path, out_dir: Path, outputs: Outputs) -> list[Path]:
     """Every file predicting ``path`` into ``out_dir`` may write (the label map as NIfTI or, for a
-    sheared direction, MetaImage; the probabilities; the statistics; the DICOM-SEG)."""
+    sheared direction, MetaImage; then what ``outputs`` asks for)."""
     name = output_name(path)
     files = [out_dir / name, out_dir / name.replace(".nii.gz", ".mha")]
-    if probabilities:
+    if outputs.probabilities:
         files.append(probabilities_path(out_dir / name))
-    if statistics:
+    if outputs.statistics:
         files.append(statistics_path(out_dir / name))
-    if dicom_seg:
+    if outputs.dicom_seg:
         files.append(dicom_seg_path(out_dir / name))
+    if outputs.uncertainty:
+        files += [uncertainty_path(out_dir / n, kind) for n in files[:2] for kind in ("entropy", "disagreement")]
     return files
 
 
-def check_existing_outputs(inputs: list[Path], out_dir: Path, probabilities: bool, overwrite: bool,
-                           statistics: bool = False, dicom_seg: bool = False) -> None:  # fmt: skip
+def check_existing_outputs(inputs: list[Path], out_dir: Path, outputs: Outputs, overwrite: bool) -> None:
     """Refuse to replace files a prediction would write over, unless ``overwrite``."""
     if overwrite:
         return
-    existing = [f for p in inputs for f in output_files(p, Path(out_dir), probabilities, statistics, dicom_seg)
-                if f.exists()]  # fmt: skip
+    existing = [f for p in inputs for f in output_files(p, Path(out_dir), outputs) if f.exists()]
     if existing:
         raise PredictError(
             f"-o {out_dir}: {len(existing)} output file(s) exist already, e.g. {existing[0].name}: pass --overwrite "
@@ -189,6 +199,12 @@ def check_existing_outputs(inputs: list[Path], out_dir: Path, probabilities: boo
 def probabilities_path(label_path: Path) -> Path:
     """``case.nii.gz`` / ``case.mha`` -> ``case_probabilities.npz``."""
     return label_path.with_name(f"{case_name(label_path)}_probabilities.npz")
+
+
+def uncertainty_path(label_path: Path, kind: str) -> Path:
+    """``case.nii.gz`` -> ``case_entropy.nii.gz`` / ``case_disagreement.nii.gz`` (``.mha`` beside a ``.mha``)."""
+    suffix = ".mha" if label_path.suffix == ".mha" else ".nii.gz"
+    return label_path.with_name(f"{case_name(label_path)}_{kind}{suffix}")
 
 
 def dicom_seg_path(label_path: Path) -> Path:
@@ -251,6 +267,8 @@ def _write(target: Path, volume: Volume, result: Prediction, statistics: bool = 
         probabilities = in_file_order(result.probabilities, volume.geometry, volume.orientation)
         save_probabilities(probabilities_path(target), probabilities, result.class_names, result.label_values,
                            volume.geometry, result.largest_only)  # fmt: skip
+    for kind, values in (result.uncertainty or {}).items():
+        write_volume(values, volume.geometry, uncertainty_path(target, kind), volume.orientation)
     if statistics:
         _write_statistics(target, volume, result, dtype)
     if dicom_series is not None:
@@ -270,7 +288,8 @@ def _write_statistics(target: Path, volume: Volume, result: Prediction, dtype) -
     labels = from_canonical(result.labels.astype(dtype), volume.geometry, volume.orientation)
     image = from_canonical(volume.array, volume.geometry, volume.orientation)
     classes = dict(zip(result.label_values, result.class_names, strict=True))
-    found = structure_statistics(labels, image, classes, fov_edge=result.fov_edge_values)
+    maps = {k: from_canonical(v, volume.geometry, volume.orientation) for k, v in (result.uncertainty or {}).items()}
+    found = structure_statistics(labels, image, classes, fov_edge=result.fov_edge_values, maps=maps)
     write_case(statistics_path(target), case_name(target), found)
 
 

@@ -51,6 +51,7 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
     largest_only: list[str] = field(default_factory=list)  # classes cut to their largest connected component
     fov_edge_values: set[int] = field(default_factory=set)  # label values reaching the field of view's edge
+    uncertainty: dict[str, np.ndarray] | None = None  # name -> [z, y, x] float32 map, canonical order
 
 
 def cpu_threads() -> int:
@@ -269,8 +270,13 @@ class Predictor:
 
     @torch.no_grad()
     def predict_volume(
-        self, volume: Volume, dataset: str | None = None, modality: str | None = None, probabilities: bool = False
-    ) -> Prediction:
+        self, volume: Volume, dataset: str | None = None, modality: str | None = None, probabilities: bool = False,
+        uncertainty: bool = False,
+    ) -> Prediction:  # fmt: skip
+        """Segment ``volume`` for the request; with ``probabilities`` keep the softmax, with
+        ``uncertainty`` the maps of :mod:`m4oe.infer.uncertainty`."""
+        from .uncertainty import UncertaintyMaps, expert_views, has_experts
+
         request = self.resolve(dataset, modality)
         slices, plan = self.prepare(volume, request.normalization, request.flip, request.fov)
         class_index = torch.tensor(request.class_index, device=self.device)
@@ -281,6 +287,9 @@ class Predictor:
         gate_sum, gate_count = None, 0
         engine = self._engine_for(request, dataset)
         averaged = engine.averaged  # probabilities averaged over views, not logits
+        with_views = uncertainty and engine is self.engine and has_experts(self.model)
+        maps = UncertaintyMaps(volume.array.shape, with_views) if uncertainty else None
+        views = expert_views(self.model, engine, slices, request.slices) if with_views else None
         for part in engine.batches(slices, request.slices):
             start, b = part.start, part.size
             if part.gate_sums is not None:
@@ -289,9 +298,14 @@ class Predictor:
                 gate_count += b
             scores = unfit_logits(part.scores[:, class_index], plan, probabilities=averaged)  # [b, C, Y, X]
             labels[start : start + b] = class_argmax(scores, index_dtype).cpu().numpy()
-            if probs_out is not None:
+            if probs_out is not None or maps is not None:
                 p = scores if averaged else scores.softmax(1)
+            if probs_out is not None:
                 probs_out[:, start : start + b] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
+            if maps is not None:
+                others = [unfit_logits(v.scores[:, class_index], plan, probabilities=averaged) for v in next(views)] \
+                    if views is not None else []  # fmt: skip
+                maps.add(start, p, [o if averaged else o.softmax(1) for o in others])
         edges = edge_warnings(labels, plan, request.fov)  # in the plan's (flipped) orientation
         at_edge = {request.values[int(i)] for i in fov_edge_classes(labels, plan) if i}
         labels = flip_in_plane(labels, request.flip)  # back to the file's own orientation
@@ -308,7 +322,8 @@ class Predictor:
         warnings = modality_warnings(volume, request.normalization, self.model.modalities) + edges
         warnings += header_warnings(volume)
         return Prediction(
-            values[labels], request.classes, request.values, experts, probs_out, warnings, largest_only, at_edge
+            values[labels], request.classes, request.values, experts, probs_out, warnings, largest_only, at_edge,
+            None if maps is None else {k: flip_in_plane(v, request.flip) for k, v in maps.maps.items()},
         )
 
 
