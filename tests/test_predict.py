@@ -246,10 +246,10 @@ def test_folder_pipeline_reads_ahead_writes_behind_and_reports_in_order(tmp_path
             events.append(("read", path.name[0], threading.current_thread().name))
         return real_read(path)
 
-    def predict_volume(self, volume, *args):
+    def predict_volume(self, volume, *args, **kwargs):
         with lock:
             events.append(("predict", None, threading.current_thread().name))
-        return real_predict(self, volume, *args)
+        return real_predict(self, volume, *args, **kwargs)
 
     monkeypatch.setattr(files, "read_volume", read)
     monkeypatch.setattr(Predictor, "predict_volume", predict_volume)
