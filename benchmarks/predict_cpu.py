@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from predict_volume import LABELS, STATS, synthetic_ct  # benchmarks/predict_volume.py
 
 from m4oe import create_model, save_bundle
-from m4oe.bench import cpu_name
+from m4oe.bench import SYNTHETIC_CT_STATS as STATS
+from m4oe.bench import SYNTHETIC_LABELS as LABELS
+from m4oe.bench import cpu_name, synthetic_ct
 from m4oe.infer.predict import cpu_has_bf16
 
 

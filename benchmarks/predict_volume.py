@@ -18,23 +18,14 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 from m4oe import create_model
-from m4oe.data.io import Geometry, Volume
+from m4oe.bench import SYNTHETIC_CT_STATS, SYNTHETIC_LABELS, synthetic_ct
+from m4oe.data.io import Volume
 from m4oe.infer.predict import Predictor
 
-LABELS = ["background"] + [f"organ_{k}" for k in range(1, 14)]
-STATS = {"scheme": "ct", "clip": [-125.0, 275.0], "mean": 60.0, "std": 50.0}
-
-
-def synthetic_ct(slices: int, size: int) -> Volume:
-    """A ``size x size x slices`` CT-like volume (int16, Hounsfield-like units), 0.8 x 0.8 x 2.5 mm."""
-    array = np.random.default_rng(0).normal(40, 30, (slices, size, size)).astype(np.int16)
-    array[:, :, : size // 8] = -1000  # air beside the body
-    geometry = Geometry((0.8, 0.8, 2.5), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    return Volume(array, geometry, "LPS", (2.5, 0.8, 0.8))
+LABELS, STATS = SYNTHETIC_LABELS, SYNTHETIC_CT_STATS
 
 
 def best_of(repeats: int, run, device: torch.device) -> float:

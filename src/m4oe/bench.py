@@ -229,3 +229,21 @@ def _peak(device: torch.device) -> float | None:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return None
+
+
+# A synthetic CT scan for the prediction benchmarks (benchmarks/predict_*.py): BTCV's 14 classes and CT
+# statistics; the speed and memory of prediction do not depend on the anatomy or the weights.
+SYNTHETIC_LABELS = ["background"] + [f"organ_{k}" for k in range(1, 14)]
+SYNTHETIC_CT_STATS = {"scheme": "ct", "clip": [-125.0, 275.0], "mean": 60.0, "std": 50.0}
+
+
+def synthetic_ct(slices: int, size: int):
+    """A ``size x size x slices`` CT-like volume (int16, Hounsfield-like units), 0.8 x 0.8 x 2.5 mm."""
+    import numpy as np
+
+    from .data.io import Geometry, Volume
+
+    array = np.random.default_rng(0).normal(40, 30, (slices, size, size)).astype(np.int16)
+    array[:, :, : size // 8] = -1000  # air beside the body
+    geometry = Geometry((0.8, 0.8, 2.5), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    return Volume(array, geometry, "LPS", (2.5, 0.8, 0.8))
