@@ -102,28 +102,50 @@ def test_pretrain_loss_falls_on_real_slices(pretrained):
     assert set(bundle.bundle_extra["datasets"]) == {"BTCV", "CHAOS"}
 
 
-@pytest.mark.shared_data
-def test_train_loss_falls_and_validation_dice_rises(workdir, cache_dir):
+@pytest.fixture(scope="module")
+def scratch(workdir, cache_dir):
+    """A 15-epoch run from scratch on the real subset: its folder and history (shared by the tests below,
+    each of which checks one thing about it)."""
     out = workdir / "scratch"
     histories = run_train(experiment(workdir, epochs=15), out, cache_dir, progress=False)
-    rows = histories["all"].rows
+    return out, histories["all"].rows
+
+
+@pytest.mark.shared_data
+def test_train_loss_falls_and_validation_dice_rises(scratch):
+    _, rows = scratch
     assert rows[-1]["loss"] < rows[0]["loss"] * 0.75
     dice = [r["val_dice"] for r in rows if "val_dice" in r]
     assert len(dice) == 3
     assert dice[-1] > 0.05  # an untrained model scores ~0 on every organ
     assert rows[-1]["val_dice_CHAOS"] > 0.1
+
+
+@pytest.mark.shared_data
+def test_the_run_folder_holds_metrics_curve_and_gate_weights(scratch):
+    out, _ = scratch
     validation = json.loads((out / "validation.json").read_text())
     assert set(validation["gates"]) == {"CT", "MRI"}
     assert (out / "metrics.csv").read_text().startswith("epoch,step,loss")
     assert (out / "curve.png").stat().st_size > 1000
+
+
+@pytest.mark.shared_data
+def test_the_bundle_carries_each_datasets_label_values_and_normalisation(scratch):
+    out, _ = scratch
     best = load_bundle(out / "best")
     assert best.bundle_extra["datasets"]["CHAOS"]["label_values"]["liver"] == 1
     assert best.bundle_extra["datasets"]["BTCV"]["normalization"]["scheme"] == "ct"
-    # the post-processing chosen by the last validation travels with the bundle predict uses
+
+
+@pytest.mark.shared_data
+def test_the_postprocessing_choice_is_a_loop_over_the_per_case_dice(scratch):
+    out, rows = scratch
+    validation = json.loads((out / "validation.json").read_text())
+    # the choice of the last validation travels with the bundle predict uses
     choice = load_bundle(out / "last").bundle_extra["postprocessing"]["keep_largest"]
     assert choice == validation["postprocessing"] and set(choice) == {"BTCV", "CHAOS"}
-    # the choice against a loop over the per-case Dice (plain and largest component) of validation.json
-    for name, labels in choice.items():
+    for name, labels in choice.items():  # plain and largest-component Dice of validation.json's cases
         cases = [c for c in validation["cases"] if c["dataset"] == name]
         expected = []
         for label in validation["dice"][name]:
@@ -133,6 +155,12 @@ def test_train_loss_falls_and_validation_dice_rises(workdir, cache_dir):
                 expected.append(label)
         assert labels == expected
     assert rows[-1]["val_post_CHAOS"] >= rows[-1]["val_dice_CHAOS"]
+
+
+@pytest.mark.shared_data
+def test_organ_dice_csv_holds_every_validation(scratch):
+    out, rows = scratch
+    validation = json.loads((out / "validation.json").read_text())
     with open(out / "organ_dice.csv", newline="") as f:
         organ_rows = list(csv.DictReader(f))  # every validation's Dice per organ, not only the last
     assert sorted({int(r["epoch"]) for r in organ_rows}) == [r["epoch"] for r in rows if "val_dice" in r]
@@ -141,7 +169,12 @@ def test_train_loss_falls_and_validation_dice_rises(workdir, cache_dir):
     assert last.keys() == expected.keys()
     for key, dice in expected.items():
         assert last[key] == pytest.approx(dice, abs=1e-5) or (math.isnan(last[key]) and math.isnan(dice))
-    rerun = load_experiment(out / "config.yaml")  # the run's own config reruns it
+
+
+@pytest.mark.shared_data
+def test_the_runs_own_config_reruns_it(scratch, workdir):
+    out, _ = scratch
+    rerun = load_experiment(out / "config.yaml")
     original = experiment(workdir, epochs=15)
     assert (rerun.datasets, rerun.split, rerun.training) == (original.datasets, original.split, original.training)
     assert (rerun.preset, rerun.model_overrides) == (original.preset, original.model_overrides)

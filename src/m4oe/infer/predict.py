@@ -23,7 +23,6 @@ from ..config.choices import PRECISIONS
 from ..data.io import (
     Volume,
     flip_in_plane,
-    negative_voxel_sizes,
 )
 from ..data.normalize import normalize
 from ..data.postprocess import keep_largest_components
@@ -33,6 +32,7 @@ from ..memory import keep_freed_memory
 from ..model.base import SegmentationModel
 from ..model.head import class_argmax
 from .engine import SliceEngine, SliceRequest
+from .scan_warnings import edge_warnings, fov_edge_classes, header_warnings, modality_warnings
 
 CPU_BATCH = 8  # m4oe-t on 2 cores, 512^2 CT: batch 8 was 3-6% faster than 16 and needed 2.0 GB, not 3.0
 
@@ -325,60 +325,6 @@ class Predictor:
             values[labels], request.classes, request.values, experts, probs_out, warnings, largest_only, at_edge,
             None if maps is None else {k: flip_in_plane(v, request.flip) for k, v in maps.maps.items()},
         )
-
-
-def modality_warnings(volume: Volume, normalization: dict, modalities: list[str]) -> list[str]:
-    """A CT (Hounsfield units: much of the volume near -1000, air) given to a model whose
-    normalisation for this request is MRI-style gives labels that mean nothing: say so."""
-    if normalization.get("scheme") != "mri":
-        return []
-    sample = volume.array[:: max(1, volume.array.shape[0] // 8)]
-    if float(np.percentile(sample, 5)) < -500:
-        return [
-            f"this looks like a CT (5th intensity percentile below -500, as air in Hounsfield units) but is "
-            f"normalised as MRI; this model's experts are {modalities}: check --dataset / --modality"
-        ]
-    return []
-
-
-def header_warnings(volume: Volume) -> list[str]:
-    """A NIfTI whose header gives a negative voxel size is oriented one way by ITK and another by
-    nibabel-based tools: say so (its label map copies its header, so each tool shows both alike)."""
-    sizes = negative_voxel_sizes(volume.source) if volume.source is not None else None
-    if sizes is None:
-        return []
-    return [
-        f"its header gives a negative voxel size (pixdim[1:4] = {sizes}), which ITK reads as a mirrored axis and "
-        "nibabel as a positive size: tools disagree on its orientation. The label map copies its header, so each "
-        "tool overlays it on the scan as it shows the scan; fix the scan's header to remove the ambiguity"
-    ]
-
-
-def _fov_edges(labels: np.ndarray, plan: SlicePlan) -> list[np.ndarray]:
-    """The four edges of a cut-down field of view in ``labels`` (the plan's orientation); none without a cut."""
-    if plan.crop is None:
-        return []
-    top, bottom, left, right = plan.crop
-    return [labels[:, top], labels[:, bottom - 1], labels[:, top:bottom, left], labels[:, top:bottom, right - 1]]
-
-
-def fov_edge_classes(labels: np.ndarray, plan: SlicePlan) -> set[int]:
-    """The class indices of ``labels`` on the edge of a cut-down field of view."""
-    return {int(v) for e in _fov_edges(labels, plan) for v in np.unique(e)}
-
-
-def edge_warnings(labels: np.ndarray, plan: SlicePlan, fov: float) -> list[str]:
-    """A structure that reaches the edge of a cut-down field of view may go on beyond it: say so."""
-    edges = _fov_edges(labels, plan)
-    touching = sum(int(np.count_nonzero(e)) for e in edges)
-    if not touching:
-        return []
-    return [
-        f"{touching} labelled pixels touch the edge of the model's field of view (the central {fov:g} of each "
-        "side, as in training): a structure there may extend beyond it and be cut"
-    ]
-
-
 
 
 ENGINES = ("torch", "onnx")
