@@ -16,6 +16,7 @@ and :func:`synthetic_cache` writes a random one for benchmarks on machines witho
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +58,73 @@ def read_index(folder: Path) -> dict[str, np.ndarray]:
         return {key: index[key] for key in index.files}
 
 
+@dataclass(frozen=True)
+class DatasetMeta:
+    """One dataset of a cache as ``meta.json`` records it (``record``: the whole entry as written)."""
+
+    name: str
+    modality: str
+    labeled: bool
+    label_values: dict[str, int]  # class name -> the dataset's label value
+    normalization: dict[str, Any]  # the intensity normalisation and its statistics
+    flip: list[str]
+    fov: float
+    fingerprint: str | None
+    validation_fold: int | None  # the fold of the split whose cases are validation cases (None: no split)
+    record: dict[str, Any]
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> DatasetMeta:
+        return cls(record["name"], record["modality"], bool(record.get("labeled", True)),
+                   dict(record.get("label_values", {})), dict(record["normalization"]), list(record.get("flip", [])),
+                   record.get("fov", 1.0), record.get("fingerprint"), record.get("split", {}).get("fold"),
+                   record)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """A cache's ``meta.json``, typed: what every reader of a cache asks of it. ``cases`` are the
+    per-case records (files, geometry, slice plan, ``fold``, ``slice_start``, ``num_slices``) that
+    validation reads; ``record`` is the whole file as written."""
+
+    complete: bool
+    fingerprint: str | None
+    num_slices: int
+    img_size: int
+    modalities: list[str]
+    class_names: list[str]
+    label_sets: dict[str, list[str]]
+    datasets: list[DatasetMeta]
+    cases: list[dict[str, Any]]
+    record: dict[str, Any]
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> CacheMeta:
+        complete = bool(record.get("complete"))
+        return cls(complete, record.get("fingerprint"), int(record.get("num_slices", 0)),
+                   int(record.get("img_size", 0)), list(record.get("modalities", [])),
+                   list(record.get("class_names", [])), {k: list(v) for k, v in record.get("label_sets", {}).items()},
+                   [DatasetMeta.from_record(d) for d in record.get("datasets", [])] if complete else [],
+                   list(record.get("cases", [])), record)  # fmt: skip
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return [d.name for d in self.datasets]
+
+    def dataset(self, name: str) -> DatasetMeta:
+        return next(d for d in self.datasets if d.name == name)
+
+
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     """``meta.json``, written last: ``complete`` says that everything else is in place."""
     (folder / META).write_text(json.dumps({**meta, "format": FORMAT, "complete": True}, indent=1))
 
 
-def read_meta(folder: Path) -> dict[str, Any] | None:
-    """The cache's ``meta.json``, or None where there is none (or it is unreadable)."""
+def read_meta(folder: Path) -> CacheMeta | None:
+    """The cache's ``meta.json``, typed, or None where there is none (or it is unreadable)."""
     try:
-        return json.loads((folder / META).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return CacheMeta.from_record(json.loads((folder / META).read_text()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         return None
 
 

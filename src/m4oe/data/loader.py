@@ -32,38 +32,39 @@ class SliceCache:
         meta_path = self.path / cache_format.META
         if not meta_path.is_file():
             raise DataError([f"{self.path}: no meta.json; run 'm4oe prepare' first"], "not a slice cache")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())  # as written
         if not self.meta.get("complete"):
             raise DataError([f"{meta_path}: cache is incomplete; run 'm4oe prepare' again"], "not a slice cache")
+        self.info = cache_format.CacheMeta.from_record(self.meta)  # typed: what readers ask of it
         self.index = cache_format.read_index(self.path)
         self._images: np.ndarray | None = None
         self._labels: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return int(self.meta["num_slices"])
+        return self.info.num_slices
 
     def __getstate__(self) -> dict:  # memmaps are reopened in each worker process
         return {**self.__dict__, "_images": None, "_labels": None}
 
     @property
     def img_size(self) -> int:
-        return int(self.meta["img_size"])
+        return self.info.img_size
 
     @property
     def modalities(self) -> list[str]:
-        return list(self.meta["modalities"])
+        return list(self.info.modalities)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.meta["class_names"])
+        return list(self.info.class_names)
 
     @property
     def label_sets(self) -> dict[str, list[str]]:
-        return {k: list(v) for k, v in self.meta["label_sets"].items()}
+        return {k: list(v) for k, v in self.info.label_sets.items()}
 
     @property
     def dataset_names(self) -> list[str]:
-        return [d["name"] for d in self.meta["datasets"]]
+        return self.info.dataset_names
 
     def _open(self) -> tuple[np.ndarray, np.ndarray]:
         if self._images is None:
@@ -78,7 +79,7 @@ class SliceCache:
             now = json.loads((self.path / cache_format.META).read_text()).get("fingerprint")
         except (OSError, json.JSONDecodeError):
             now = None
-        if now != self.meta.get("fingerprint"):
+        if now != self.info.fingerprint:
             raise DataError(
                 [f"{self.path}: the cache was rebuilt or removed while this run was reading it; start the run again"],
                 "stale slice cache",
@@ -130,7 +131,7 @@ class SliceCache:
         if split == "all":
             return np.ones(len(self), dtype=bool)
         val_case = np.array(
-            [c["fold"] == self._dataset(c["dataset"])["split"]["fold"] for c in self.meta["cases"]], dtype=bool
+            [c["fold"] == self.info.dataset(c["dataset"]).validation_fold for c in self.info.cases], dtype=bool
         )
         per_slice = val_case[self.index["case"]]
         if split == "val":
@@ -142,19 +143,16 @@ class SliceCache:
     @property
     def dataset_modality(self) -> dict[str, str]:
         """Dataset name -> the modality (expert) it belongs to."""
-        return {d["name"]: d["modality"] for d in self.meta["datasets"]}
+        return {d.name: d.modality for d in self.info.datasets}
 
     def dataset_mask(self, names: list[str]) -> np.ndarray:
         """Slices of the named datasets."""
         return np.isin(self.index["dataset"], [self.dataset_names.index(n) for n in names])
 
-    def _dataset(self, name: str) -> dict[str, Any]:
-        return next(d for d in self.meta["datasets"] if d["name"] == name)
-
     def cases(self, split: str = "all") -> list[dict[str, Any]]:
         """Case records (with ``slice_start`` / ``num_slices``) of a split."""
         mask = self.slice_mask(split)
-        return [c for c in self.meta["cases"] if c["num_slices"] and mask[c["slice_start"]]]
+        return [c for c in self.info.cases if c["num_slices"] and mask[c["slice_start"]]]
 
 
 
@@ -195,9 +193,10 @@ class BalancedBatchSampler:
             raise ValueError(f"foreground_sampling must be one of {FOREGROUND_SAMPLING}, got {foreground_sampling!r}")
         mask = np.ones(len(cache), dtype=bool) if mask is None else mask
         dataset = cache.index["dataset"]
-        weights = dataset_weights or [1.0] * len(cache.meta["datasets"])
-        if len(weights) != len(cache.meta["datasets"]):
-            raise ValueError(f"{len(weights)} dataset weights for a cache of {len(cache.meta['datasets'])} datasets")
+        held = len(cache.info.datasets)
+        weights = dataset_weights or [1.0] * held
+        if len(weights) != held:
+            raise ValueError(f"{len(weights)} dataset weights for a cache of {held} datasets")
         self.pools, self.fg_pools, self.class_pools, kept = [], [], [], []
         for d, weight in enumerate(weights):
             pool = np.flatnonzero(mask & (dataset == d))

@@ -332,11 +332,10 @@ def prepare(
         check(config, workers, progress)  # raises, listing these and every per-case problem
     fingerprint = _fingerprint(sources, size, storage)
     meta = None if force else cache_format.read_meta(out)
-    if meta is not None:
-        if meta.get("complete") and meta.get("fingerprint") == fingerprint:
-            seconds = time.perf_counter() - started
-            cases, warnings = len(meta["cases"]), meta.get("warnings", [])
-            return PrepareResult(out, meta["num_slices"], cases, _size(out), True, seconds, warnings)
+    if meta is not None and meta.complete and meta.fingerprint == fingerprint:
+        seconds = time.perf_counter() - started
+        warnings = meta.record.get("warnings", [])
+        return PrepareResult(out, meta.num_slices, len(meta.cases), _size(out), True, seconds, warnings)
 
     sources, checks = check(config, workers, progress)
     stats = _statistics(sources, checks)

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, DatasetConfig, ExperimentConfig, experiment_to_dict
-from ..data.cache_format import read_meta
+from ..data.cache_format import CacheMeta, read_meta
 from ..data.loader import SliceCache
 from ..files import check_output_dir, mark_output_dir, write_text
 from ..model.base import SegmentationModel
@@ -118,9 +118,9 @@ def _reuse_as_is(experiment: ExperimentConfig, cache_dir: Path) -> bool:
     """A complete cache is used without re-preparing when it holds more datasets than the config
     (a run on a subset) or when the raw data is not on this machine (a cache carried to a GPU)."""
     meta = read_meta(cache_dir)
-    if meta is None or not meta.get("complete"):
+    if meta is None or not meta.complete:
         return False
-    held = {d["name"] for d in meta["datasets"]}
+    held = set(meta.dataset_names)
     wanted = _dataset_names(experiment)
     if not wanted <= held:
         return False
@@ -132,7 +132,7 @@ def _reuse_as_is(experiment: ExperimentConfig, cache_dir: Path) -> bool:
     return True
 
 
-def _check_subset(experiment: ExperimentConfig, cache_dir: Path, meta: dict) -> None:
+def _check_subset(experiment: ExperimentConfig, cache_dir: Path, meta: CacheMeta) -> None:
     """A config on some of a cache's datasets must describe them as the cache was prepared."""
     from ..data.datasets import DataError
     from ..data.prepare import dataset_fingerprint, discover
@@ -141,7 +141,7 @@ def _check_subset(experiment: ExperimentConfig, cache_dir: Path, meta: dict) -> 
     sources = discover(experiment, problems)
     if problems:
         raise DataError(problems, "the datasets cannot be opened")
-    held = {d["name"]: d.get("fingerprint") for d in meta["datasets"]}
+    held = {d.name: d.fingerprint for d in meta.datasets}
     changed = [s.name for s in sources if held.get(s.name) != dataset_fingerprint(s)]
     if changed:
         raise ConfigError(
@@ -187,21 +187,16 @@ def inference_metadata(
 ) -> dict[str, Any]:
     """What ``predict`` needs besides the weights: per-dataset modality, normalisation, label values."""
     datasets = {
-        d["name"]: {
-            "modality": d["modality"],
-            "normalization": d["normalization"],
-            "label_values": d["label_values"],
-            "flip": d.get("flip", []),
-            "fov": d.get("fov", 1.0),
-        }
-        for d in cache.meta["datasets"]
-        if d["name"] in model.label_sets
-    }
+        d.name: {"modality": d.modality, "normalization": d.normalization, "label_values": d.label_values,
+                 "flip": d.flip, "fov": d.fov}
+        for d in cache.info.datasets
+        if d.name in model.label_sets
+    }  # fmt: skip
     return {
         "phase": phase,
         "img_size": cache.img_size,
         "datasets": datasets,
-        "cache_fingerprint": cache.meta.get("fingerprint"),
+        "cache_fingerprint": cache.info.fingerprint,
         "train": train,
     }
 

@@ -258,7 +258,7 @@ def check_trainable(cache: SliceCache, datasets: list[str]) -> None:
     train = cache.slice_mask("train")
     for name in datasets:
         own = cache.dataset_mask([name])
-        cases = sum(1 for c in cache.meta["cases"] if c["dataset"] == name)
+        cases = sum(1 for c in cache.info.cases if c["dataset"] == name)
         if not cache.index["labeled"][own].any():
             problems.append(f"{name}: has no labels (labels: none): it can be pre-trained on, not trained on")
         elif not (train & own).any():
