@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from m4oe.train.loop import History
-
 from .conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow  # the fast tier (pytest -m 'not slow') leaves this file out
@@ -51,10 +49,15 @@ def _cpu_reference():
     return module
 
 
+def _args(tmp_path, **given):
+    values = {"data": tmp_path, "slices": None, "minutes": None, "points": None, "pretrain_slices": None, "seed": 0,
+              "out": tmp_path / "run", "cache": None, "set": []}  # fmt: skip
+    return argparse.Namespace(**{**values, **given})
+
+
 def test_cpu_reference_reads_its_recipe_and_takes_set_words(tmp_path):
     module = _cpu_reference()
-    args = argparse.Namespace(data=tmp_path, slices=28000, points=5, pretrain_slices=5600, seed=0,
-                              out=tmp_path / "run", cache=None, set=[])  # fmt: skip
+    args = _args(tmp_path, slices=28000, points=5, pretrain_slices=5600)
     exp = module.experiment(args)
     assert {d.name: d.fov for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 0.8}
     assert {d.name: d.weight for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 1.0}
@@ -62,7 +65,8 @@ def test_cpu_reference_reads_its_recipe_and_takes_set_words(tmp_path):
     training = exp.training
     assert (training.batch_size, training.lr, training.dice, training.foreground_sampling) == (4, 3e-3,
                                                                                               "batch_present", "class")
-    assert training.samples_per_epoch == 5600 and training.epochs == 5 and training.pretrain_epochs == 1
+    assert training.samples_per_epoch == 5600 and training.epochs == 5 and training.minutes is None
+    assert (training.pretrain_samples_per_epoch, training.pretrain_epochs) == (5600, 1)
     words = ["datasets.CHAOS.weight=0.7", "datasets.ACDC.weight=1.3", "datasets.BTCV.fov=0.9",
              "model.depths=[0,1,2,2,2]", "train.augment=false", "train.foreground_fraction=0.5"]  # fmt: skip
     changed = module.experiment(argparse.Namespace(**{**vars(args), "set": words}))
@@ -79,56 +83,18 @@ def test_cpu_reference_reads_its_recipe_and_takes_set_words(tmp_path):
             module.experiment(argparse.Namespace(**{**vars(args), "set": bad}))
 
 
-def test_cpu_reference_phase1_runs_exactly_its_slices_in_one_epoch(tmp_path):
+def test_cpu_reference_is_the_recipes_hour_unless_slices_are_given(tmp_path):
     module = _cpu_reference()
-    args = argparse.Namespace(data=tmp_path, slices=56000, points=7, pretrain_slices=5600, seed=0, set=[])
-    exp = module.experiment(args)
-    assert exp.training.samples_per_epoch == 8000 and exp.training.epochs == 7
-    first = module.phase1(exp, 5600).training
-    assert (first.samples_per_epoch, first.pretrain_epochs, first.epochs) == (5600, 1, 7)
-
-
-def test_cpu_reference_fits_phase2_slices_to_the_minutes_left():
-    module = _cpu_reference()
-    speed = {"pretrain_slices_per_s": 50.0, "pretrain_other_s": 12.0, "slices_per_s": 20.0, "validation_s": 30.0}
-    # 60 min less 5 %: 3420 s; less 60 s spent, 12 + 5600 / 50 = 124 s of phase 1, 5 x 30 s of validation
-    # leaves 3086 s, 61,720 slices at 20/s; whole batches of 4 at each of 5 points: 61,720 // 20 * 20
-    assert module.MARGIN == 0.05
-    assert module.fit_slices(60, 60.0, speed, 5600, 5, 4) == 61720
-    assert module.fit_slices(30, 60.0, speed, 5600, 5, 4) == (1710 - 60 - 124 - 150) * 20
-    with pytest.raises(SystemExit, match="--minutes 3: too short on this machine"):
-        module.fit_slices(3, 60.0, speed, 5600, 5, 4)
-
-
-def test_cpu_reference_calibration_separates_steps_from_the_rest(tmp_path, monkeypatch):
-    module = _cpu_reference()
-    clock = iter([100.0, 110.0, 145.0])  # phase 1 takes 10 s in all, phase 2 35 s
-    monkeypatch.setattr(module.time, "perf_counter", lambda: next(clock))
-    runs = {}
-
-    def fake_run(*seconds, returns=lambda history: history):
-        def run(exp, out, cache, init=None, progress=True):
-            runs[out.name] = exp.training
-            out.mkdir(parents=True)
-            rows = [{"epoch": epoch, "epoch_seconds": s} for epoch, s in enumerate(seconds, 1)]
-            return returns(History(rows))
-
-        return run
-
-    monkeypatch.setattr(module, "run_pretrain", fake_run(4.0))
-    # run_train returns a history per model ("all": the one M4oE model); phase 2 is timed on its second epoch
-    monkeypatch.setattr(module, "run_train", fake_run(9.0, 7.0, returns=lambda history: {"all": history}))
-    args = argparse.Namespace(data=tmp_path, slices=28000, points=5, pretrain_slices=5600, seed=0, set=[],
-                              out=tmp_path / "run")  # fmt: skip
-    speed = module.calibrate(args, tmp_path / "cache")
-    slices = 4 * module.CALIBRATION_STEPS
-    assert speed["pretrain_slices_per_s"] == pytest.approx(slices / 4.0)
-    assert speed["pretrain_other_s"] == pytest.approx(6.0)
-    assert speed["slices_per_s"] == pytest.approx(slices / 7.0)
-    assert speed["validation_s"] == pytest.approx(19.0)
-    assert (runs["pretrain"].samples_per_epoch, runs["pretrain"].pretrain_epochs) == (slices, 1)
-    assert (runs["train"].samples_per_epoch, runs["train"].epochs, runs["train"].val_every) == (slices, 2, 2)
-    assert not (tmp_path / "run" / "calibration").exists()
+    shipped = module.experiment(_args(tmp_path)).training  # the recipe as m4oe pretrain / train read it
+    assert (shipped.minutes, shipped.epochs, shipped.pretrain_samples_per_epoch, shipped.pretrain_epochs) == (
+        60, 5, 5600, 1)  # fmt: skip
+    assert module.experiment(_args(tmp_path, minutes=30.0)).training.minutes == 30.0
+    fixed = module.experiment(_args(tmp_path, slices=56000, points=7)).training
+    assert (fixed.minutes, fixed.samples_per_epoch, fixed.epochs) == (None, 8000, 7)
+    with pytest.raises(SystemExit, match=r"--slices 19: give at least one batch per validation point \(5 x 4\)"):
+        module.experiment(_args(tmp_path, slices=19))
+    with pytest.raises(SystemExit, match="train.minutes must be a positive number"):
+        module.experiment(_args(tmp_path, minutes=-1.0))
 
 
 def test_cpu_reference_summary_reports_plain_and_postprocessed_dice():
@@ -153,24 +119,5 @@ def test_cpu_reference_refuses_minutes_that_are_not_positive(tmp_path):
     script = ROOT / "experiments" / "cpu_reference.py"
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "run"), "--minutes", "0"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode != 0 and "--minutes 0: give a positive number" in done.stderr
+    assert done.returncode != 0 and "train.minutes must be a positive number" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
-
-
-def test_cpu_reference_budget_is_an_hour_unless_slices_are_given():
-    module = _cpu_reference()
-
-    def resolved(**given):
-        args = argparse.Namespace(**{"slices": None, "minutes": None, "points": 5, "set": [], **given})
-        module.resolve_budget(args)
-        return args.slices, args.minutes
-
-    assert resolved() == (None, 60.0)
-    assert resolved(minutes=30.0) == (None, 30.0)
-    assert resolved(slices=28000) == (28000, None)
-    with pytest.raises(SystemExit, match="--slices and --minutes: give one of them"):
-        resolved(slices=28000, minutes=60.0)
-    with pytest.raises(SystemExit, match=r"--slices 19: give at least one batch per validation point \(5 x 4\)"):
-        resolved(slices=19)
-    with pytest.raises(SystemExit, match="--minutes -1: give a positive number"):
-        resolved(minutes=-1.0)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,42 @@ FORMAT = "m4oe-bundle"
 FORMAT_VERSION = 2  # 2: config.json carries its own checksum (config_sha256) and its kind
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a bundle records of one training dataset, to serve requests for it."""
+
+    modality: str
+    normalization: dict[str, Any]  # the intensity normalisation and its statistics
+    label_values: dict[str, int]  # class name -> the dataset's label value
+    flip: list[str]
+    fov: float
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> DatasetInfo:
+        return cls(record.get("modality", ""), dict(record.get("normalization", {})),
+                   dict(record.get("label_values") or {}), list(record.get("flip", [])),
+                   float(record.get("fov", 1.0)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A bundle's ``extra`` mapping, typed: the phase that wrote it, each dataset's
+    :class:`DatasetInfo`, and the classes validation chose to cut to their largest component."""
+
+    phase: str | None
+    datasets: dict[str, DatasetInfo]
+    keep_largest: dict[str, list[str]]
+    record: dict[str, Any]
+
+    @classmethod
+    def of(cls, model: SegmentationModel) -> BundleInfo:
+        """The typed view of ``model.bundle_extra`` (empty for a model that was never saved)."""
+        record = dict(getattr(model, "bundle_extra", None) or {})
+        datasets = {name: DatasetInfo.from_record(info) for name, info in record.get("datasets", {}).items()}
+        chosen = record.get("postprocessing", {}).get("keep_largest", {})
+        return cls(record.get("phase"), datasets, {k: list(v) for k, v in chosen.items()}, record)
 
 
 class BundleError(RuntimeError):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import check_segmentation_bundle
+from ..bundle import BundleInfo, check_segmentation_bundle
 from ..config import ROUTING_MODES
 from ..config.choices import PRECISIONS
 from ..data.io import (
@@ -160,8 +160,8 @@ class Predictor:
         self.engine = SliceEngine(self.model, self.device, batch_size, self.dtype, tta=tta, rotations=self.rotations)
         self.engine_name, self.onnx_path = engine, onnx
         self._onnx_engines: dict[tuple, SliceEngine] = {}
-        self.datasets = getattr(model, "bundle_extra", {}).get("datasets", {})
-        self.largest_only = getattr(model, "bundle_extra", {}).get("postprocessing", {}).get("keep_largest", {})
+        info = BundleInfo.of(model)
+        self.datasets, self.largest_only = info.datasets, info.keep_largest
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads())
             keep_freed_memory()  # process-wide, like the thread count: activations are reused, not faulted in
@@ -175,12 +175,12 @@ class Predictor:
         if modality is not None and modality not in model.modalities:
             raise PredictError(f"unknown modality {modality!r}; this model's experts are {model.modalities}")
         if dataset is None and modality is not None:
-            same = [name for name, info in self.datasets.items() if info.get("modality") == modality]
+            same = [name for name, info in self.datasets.items() if info.modality == modality]
             stats_source = same[0] if same else None
         else:
             stats_source = dataset
         if stats_source is None:
-            schemes = {repr(info["normalization"]) for info in self.datasets.values()}
+            schemes = {repr(info.normalization) for info in self.datasets.values()}
             if len(self.datasets) != 1 and len(schemes) != 1:
                 raise PredictError(
                     f"give --dataset or --modality: the model's datasets {list(self.datasets)} are normalised "
@@ -192,23 +192,23 @@ class Predictor:
         info = self.datasets[stats_source]
         cfg = model.config
         if modality is None and (cfg.routing == "hard" or cfg.gate_modality or cfg.closed_experts):
-            modality = info["modality"]  # these models need each sample's modality; a plain gate decides alone
+            modality = info.modality  # these models need each sample's modality; a plain gate decides alone
         if dataset is None:
             classes = list(model.class_names)
             values = list(range(len(classes)))
         else:
             classes = list(model.label_sets[dataset])
-            label_values = self.datasets.get(dataset, {}).get("label_values") or {}
+            label_values = self.datasets[dataset].label_values if dataset in self.datasets else {}
             values = [label_values.get(c, k) for k, c in enumerate(classes)]
         return PredictRequest(
             dataset=None if dataset is None else model.dataset_names.index(dataset),
             modality=None if modality is None else model.modalities.index(modality),
-            normalization=info["normalization"],
+            normalization=info.normalization,
             class_index=[model.class_names.index(c) for c in classes],
             classes=classes,
             values=values,
             # a flip describes the files of a training dataset: applied when the request names it
-            flip=list(info.get("flip", [])) if dataset is not None else [],
+            flip=list(info.flip) if dataset is not None else [],
             fov=self._fov(dataset, modality),
             largest_only=self._largest_only(dataset, classes),
         )
@@ -246,9 +246,8 @@ class Predictor:
         """The part of each slice the model sees: the dataset's ``fov``; without a dataset, the one that
         all datasets of the modality (or of the model) share, else the whole slice (nothing is cut)."""
         if dataset is not None:
-            return float(self.datasets.get(dataset, {}).get("fov", 1.0))
-        views = {float(info.get("fov", 1.0)) for info in self.datasets.values()
-                 if modality is None or info.get("modality") == modality}  # fmt: skip
+            return self.datasets[dataset].fov if dataset in self.datasets else 1.0
+        views = {info.fov for info in self.datasets.values() if modality is None or info.modality == modality}
         return views.pop() if len(views) == 1 else 1.0
 
     def _largest_only(self, dataset: str | None, classes: list[str]) -> list[str]:

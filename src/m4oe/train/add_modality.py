@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..bundle import check_segmentation_bundle, load_bundle
+from ..bundle import BundleInfo, check_segmentation_bundle, load_bundle
 from ..config import ExperimentConfig
 from ..data.loader import SliceCache
 from ..files import write_json
@@ -216,10 +216,10 @@ def run_add_modality(
         init_new_expert(model, favoured_experts(old, images))
     no_decay = freeze_old(model, len(old.class_names), len(old.modalities))[0] if mode == "freeze_old" else []
     task = AddModalityTask.from_config(model, cache, config, runtime.device, no_decay=no_decay)
-    task.extra_datasets = {k: v for k, v in old.bundle_extra.get("datasets", {}).items() if k in old.label_sets}
+    info = BundleInfo.of(old)
+    task.extra_datasets = {k: v for k, v in info.record.get("datasets", {}).items() if k in old.label_sets}
     if mode == "freeze_old":  # the old experts, gates and classes are frozen: their choice still holds
-        old_choice = old.bundle_extra.get("postprocessing", {}).get("keep_largest", {})
-        task.carried_postprocessing = {k: v for k, v in old_choice.items() if k not in cache.dataset_names}
+        task.carried_postprocessing = {k: v for k, v in info.keep_largest.items() if k not in cache.dataset_names}
     added = parameters_added(old, model)
     if runtime.main:
         write_run_config(out, experiment, {"phase": "add-modality", "base_model": str(bundle), "mode": mode,

@@ -12,6 +12,7 @@ slows, still ends inside the budget.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -56,19 +57,40 @@ class TimeBudget:
         self.end_seconds: dict[bool, float | None] = {True: None, False: None}  # with / without validation
         self.marks: deque[tuple[int, float]] = deque(maxlen=WINDOW // 10 + 1)
         self.epoch, self.epoch_start, self.epoch_end = 0, 0, provisional_steps
+        # the clock's guard beside the steps: an epoch also ends when its share of the time is spent
+        # (before the speed is measured, or when the machine slows between two looks)
+        self.epoch_start_time, self.epoch_deadline = time.perf_counter(), math.inf
+        self.run_start, self.clock = time.perf_counter(), time.perf_counter  # set by the loop (a clock for tests)
 
     @property
     def warmup_steps(self) -> int:
         return int(self.warmup_epochs * self.total_steps / self.epochs)
 
     def lr_factor(self, base_lr: float, min_lr: float, schedule: str):
-        """The scheduler's multiplier at a step, on the schedule as last fitted."""
-        return lambda step: lr_lambda(self.total_steps, self.warmup_steps, base_lr, min_lr, schedule)(step)
+        """The scheduler's multiplier at a step, on the schedule as last fitted; where the clock is further
+        on than the steps (a machine slower than its last measurement), the clock's share of the budget
+        sets the decay, so the rate still reaches its floor when the time is up."""
+
+        def factor(step: int) -> float:
+            total, warmup = self.total_steps, self.warmup_steps
+            share = self.time_share()
+            if share > 0 and step > warmup:
+                total = min(total, warmup + int((step - warmup) / share))
+            return lr_lambda(total, warmup, base_lr, min_lr, schedule)(step)
+
+        return factor
+
+    def time_share(self) -> float:
+        """The share of the run's time spent, 0 to 1."""
+        if not math.isfinite(self.deadline) or self.deadline <= self.run_start:
+            return 0.0
+        return min(1.0, max(0.0, (self.clock() - self.run_start) / (self.deadline - self.run_start)))
 
     def start_epoch(self, epoch: int, step: int, now: float | None = None) -> None:
-        self.epoch, self.epoch_start = epoch, step
+        now = time.perf_counter() if now is None else now
+        self.epoch, self.epoch_start, self.epoch_start_time = epoch, step, now
         self.marks.clear()  # the time between epochs is not training speed
-        self.refit(step, time.perf_counter() if now is None else now)
+        self.refit(step, now)
 
     def look(self, step: int, now: float | None = None) -> None:
         """Note the clock at ``step`` and fit the remaining steps again."""
@@ -81,19 +103,32 @@ class TimeBudget:
                 self.step_seconds = (latest - then) / (last - first)
         self.refit(step, now)
 
-    def epoch_ended(self, validated: bool, seconds: float) -> None:
-        """The measured cost of an epoch's end (validation, history, checkpoint)."""
+    def epoch_ended(self, validated: bool, seconds: float, steps: int = 0, step_time: float = 0.0) -> None:
+        """The measured cost of an epoch's end (validation, history, checkpoint); ``steps`` taken in
+        ``step_time`` seconds measure the speed when the epoch was too short to measure it."""
         self.end_seconds[validated] = seconds
+        if self.step_seconds is None and steps > 0:
+            self.step_seconds = step_time / steps
 
-    def epoch_done(self, step: int) -> bool:
-        return step >= self.epoch_end
+    def epoch_done(self, step: int, now: float | None = None) -> bool:
+        """Whether the epoch ends before ``step``: its planned steps are done, or (one process) its
+        share of the time is spent; never before one step."""
+        if step <= self.epoch_start:
+            return False
+        if step >= self.epoch_end:
+            return True
+        if self.runtime.distributed:  # the processes agree on steps only (their clocks differ)
+            return False
+        return (time.perf_counter() if now is None else now) >= self.epoch_deadline
 
     def refit(self, step: int, now: float) -> None:
+        ends = self._ends_left()
+        epochs_left = self.epochs - self.epoch
+        self.epoch_deadline = self.epoch_start_time + (self.deadline - ends - self.epoch_start_time) / epochs_left
         if self.step_seconds is not None:
-            left = self.deadline - now - self._ends_left()
+            left = self.deadline - now - ends
             steps_left = max(0, int(left / self.step_seconds))
             self.total_steps = step + steps_left
-            epochs_left = self.epochs - self.epoch
             self.epoch_end = self.epoch_start + max(1, round((self.total_steps - self.epoch_start) / epochs_left))
         self._agree()
 

@@ -165,7 +165,11 @@ def fit(
         spent = position.spent
     if budget is not None:
         budget.deadline = command_started + budget_seconds * (1 - MARGIN) - spent
+        budget.run_start = command_started - spent
         check_fits(budget)
+        if resume and position.batch:  # the interrupted epoch goes on with its share of the time left
+            budget.epoch_start_time = time.perf_counter()
+            budget.refit(position.step, budget.epoch_start_time)
     loss_module = _wrap(module, config, runtime)
     autocast = autocast_factory(runtime.device, config.amp)
     augment = AugmentConfig() if config.augment else None
@@ -212,6 +216,7 @@ def fit(
         planned = steps_per_epoch if budget is None else budget.epoch_end - budget.epoch_start
         bar = progress_bar(planned - first_batch, label, progress and runtime.main)
         done = first_batch  # the epoch's steps, those before an interruption included
+        loop_started = time.perf_counter()
         for batch_index, batch in enumerate(loader, start=first_batch):
             if stop_at_step is not None and position.step >= stop_at_step:
                 raise KeyboardInterrupt(f"stopped before step {position.step} (stop_at_step)")
@@ -264,7 +269,7 @@ def fit(
             history.write(out)
         checkpoint(epoch + 1, 0, sums, seen, started)
         if budget is not None:
-            budget.epoch_ended(validates, time.perf_counter() - ended)
+            budget.epoch_ended(validates, time.perf_counter() - ended, done - first_batch, ended - loop_started)
     return history
 
 
