@@ -253,7 +253,19 @@ def from_canonical(array: np.ndarray, geometry: Geometry, orientation: str):
 
 def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, orientation: str = CANONICAL) -> Path:
     """Write an ``[z, y, x]`` array (canonical order unless ``orientation`` says otherwise) atomically."""
+    return write_image(from_canonical(array, geometry, orientation), path)
+
+
+def write_image(image, path: str | os.PathLike) -> Path:
+    """Write a SimpleITK image atomically, compressed."""
     import SimpleITK as sitk
 
-    image = from_canonical(array, geometry, orientation)
     return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+
+
+def strip_image_suffix(name: str) -> str:
+    """A file name without its image suffix (the longest of :data:`IMAGE_SUFFIXES` it ends with)."""
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name

@@ -162,13 +162,9 @@ def statistics_files(images: Path, labels: Path, out: Path, classes: dict[int, s
 
 
 def _case(path: Path) -> str:
-    from ..data.io import IMAGE_SUFFIXES
+    from ..data.io import strip_image_suffix
 
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return strip_image_suffix(path.name)
 
 
 def _pairs(images: Path, labels: Path) -> list[tuple[Path, Path]]:

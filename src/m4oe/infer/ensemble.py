@@ -24,6 +24,7 @@ from .predict import PredictError, Prediction, Predictor, PredictRequest
 class Combined:
     index: np.ndarray  # class index per voxel, after the post-processing the members agree on
     probabilities: np.ndarray  # [C, ...] float16: the members' mean
+    largest_only: list[str]  # the classes cut to their largest component: those every member chose
 
 
 def combine(members: list[np.ndarray], classes: list[str], largest_only: list[list[str]]) -> Combined:
@@ -37,7 +38,7 @@ def combine(members: list[np.ndarray], classes: list[str], largest_only: list[li
     agreed = agreed_largest(classes, largest_only)
     if agreed:
         index = keep_largest_components(index, [classes.index(c) for c in agreed])
-    return Combined(index, mean.astype(np.float16))
+    return Combined(index, mean.astype(np.float16), agreed)
 
 
 def agreed_largest(classes: list[str], largest_only: list[list[str]]) -> list[str]:
@@ -85,15 +86,13 @@ class EnsemblePredictor:
 
         request = self.resolve(dataset, modality)
         results = [member.predict_volume(volume, dataset, modality, probabilities=True) for member in self.members]
-        largest = [member.resolve(dataset, modality).largest_only for member in self.members]
-        combined = combine([r.probabilities for r in results], request.classes, largest)
+        combined = combine([r.probabilities for r in results], request.classes, [r.largest_only for r in results])
         values = np.asarray(request.values, dtype=np.uint8 if max(request.values) < 256 else np.int32)
         experts = _mean_weights([r.expert_weights for r in results])
         warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
-        agreed = agreed_largest(request.classes, largest)
         return Prediction(
             values[combined.index], request.classes, request.values, experts,
-            combined.probabilities if probabilities else None, warnings, agreed,
+            combined.probabilities if probabilities else None, warnings, combined.largest_only,
             set().union(*(r.fov_edge_values for r in results)),
             ensemble_maps([r.probabilities for r in results]) if uncertainty else None,
         )  # fmt: skip
@@ -107,8 +106,9 @@ def _mean_weights(weights: list[dict[str, float]]) -> dict[str, float]:
 def ensemble_folders(folders: list[Path], out: Path, probabilities: bool = False) -> list[Path]:
     """``m4oe ensemble``: the label maps of the mean of saved probabilities (``CASE_probabilities.npz``
     of ``predict --probabilities``), case by case; the cases are those every folder holds."""
+    from ..data.io import write_volume
     from ..files import check_output_dir, mark_output_dir
-    from .files import save_probabilities
+    from .files import label_map_target, save_probabilities
 
     if len(folders) < 2:
         raise PredictError("give at least two folders of probabilities to ensemble")
@@ -127,10 +127,11 @@ def ensemble_folders(folders: list[Path], out: Path, probabilities: bool = False
         values = np.asarray(first["label_values"])
         geometry = Geometry(tuple(first["spacing"]), tuple(first["origin"]), tuple(first["direction"]))
         labels = values.astype(np.uint8 if values.max() < 256 else np.uint16)[combined.index]
-        written.append(_write_labels(out / f"{case}.nii.gz", labels, geometry))
+        # the labels are in the files' voxel order already: written as they are, on the members' grid
+        written.append(write_volume(labels, geometry, label_map_target(out / f"{case}.nii.gz", geometry)))
         if probabilities:
             save_probabilities(out / f"{case}_probabilities.npz", combined.probabilities, classes,
-                               [int(v) for v in values], geometry, agreed_largest(classes, largest))  # fmt: skip
+                               [int(v) for v in values], geometry, combined.largest_only)  # fmt: skip
     return written
 
 
@@ -163,14 +164,3 @@ def _check_members(members, case: str, folders: list[Path]) -> None:
         if problem:
             raise PredictError(f"{folder}/{case}_probabilities.npz: another grid than {folders[0]}'s ({problem})")
 
-
-def _write_labels(path: Path, labels_file_order: np.ndarray, geometry: Geometry) -> Path:
-    import SimpleITK as sitk
-
-    from ..files import atomic_write
-
-    if not geometry.orthonormal():  # NIfTI stores only rotations, as predict does
-        path = path.with_name(path.name.replace(".nii.gz", ".mha"))
-    image = sitk.GetImageFromArray(np.ascontiguousarray(labels_file_order))
-    geometry.apply(image)
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))

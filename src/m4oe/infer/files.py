@@ -16,8 +16,11 @@ from ..data.io import (
     ImageReadError,
     Volume,
     check_file,
+    from_canonical,
     negative_voxel_sizes,
     read_volume,
+    strip_image_suffix,
+    write_image,
     write_like_nifti,
     write_volume,
 )
@@ -29,12 +32,7 @@ def output_name(path: Path) -> str:
     """``case_0000.nii.gz`` -> ``case.nii.gz`` (nnU-Net naming); a DICOM folder -> ``folder.nii.gz``."""
     if path.is_dir():
         return f"{path.name}.nii.gz"
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return re.sub(r"_\d{4}$", "", name) + ".nii.gz"
+    return re.sub(r"_\d{4}$", "", strip_image_suffix(path.name)) + ".nii.gz"
 
 
 def collect_inputs(path: Path) -> list[Path]:
@@ -218,8 +216,15 @@ def statistics_path(label_path: Path) -> Path:
 
 
 def case_name(label_path: Path) -> str:
-    name = label_path.name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else label_path.stem
+    return strip_image_suffix(label_path.name)
+
+
+def label_map_target(target: Path, geometry) -> Path:
+    """Where a label map on ``geometry`` goes: ``target`` (NIfTI), or beside it as MetaImage for a
+    sheared direction (NIfTI stores only rotations: ITK would write another direction)."""
+    if geometry.orthonormal():
+        return target
+    return target.with_name(target.name.replace(".nii.gz", ".mha"))
 
 
 def write_run_statistics(out_dir: Path) -> Path:
@@ -254,15 +259,17 @@ def _load(path: Path) -> Volume:
 
 def _write(target: Path, volume: Volume, result: Prediction, statistics: bool = False,
            dicom_series: Path | None = None) -> Path:  # fmt: skip
-    if not volume.geometry.orthonormal():
-        # NIfTI stores only rotations: ITK would write another direction. MetaImage keeps it exactly.
-        target = target.with_name(target.name.replace(".nii.gz", ".mha"))
+    import SimpleITK as sitk
+
+    target = label_map_target(target, volume.geometry)
     dtype = np.uint8 if max(result.label_values) < 256 else np.uint16
+    # the label map in the file's own voxel order, once for the file, the statistics and the DICOM-SEG
+    label_image = from_canonical(result.labels.astype(dtype), volume.geometry, volume.orientation)
     if target.name.endswith(".nii.gz") and volume.source is not None and negative_voxel_sizes(volume.source):
-        labels = in_file_order(result.labels[None].astype(dtype), volume.geometry, volume.orientation)[0]
-        write_like_nifti(labels, volume.source, target)  # ITK would write positive sizes and a mirrored direction
+        # ITK would write positive sizes and a mirrored direction
+        write_like_nifti(sitk.GetArrayFromImage(label_image), volume.source, target)
     else:
-        write_volume(result.labels.astype(dtype), volume.geometry, target, volume.orientation)
+        write_image(label_image, target)
     if result.probabilities is not None:
         probabilities = in_file_order(result.probabilities, volume.geometry, volume.orientation)
         save_probabilities(probabilities_path(target), probabilities, result.class_names, result.label_values,
@@ -270,22 +277,20 @@ def _write(target: Path, volume: Volume, result: Prediction, statistics: bool = 
     for kind, values in (result.uncertainty or {}).items():
         write_volume(values, volume.geometry, uncertainty_path(target, kind), volume.orientation)
     if statistics:
-        _write_statistics(target, volume, result, dtype)
+        _write_statistics(target, volume, result, label_image)
     if dicom_series is not None:
         from .dicom_seg import write_dicom_seg
 
-        labels = in_file_order(result.labels[None].astype(dtype), volume.geometry, volume.orientation)[0]
         classes = dict(zip(result.label_values, result.class_names, strict=True))
-        write_dicom_seg(dicom_series, labels, classes, dicom_seg_path(target))
+        write_dicom_seg(dicom_series, sitk.GetArrayFromImage(label_image), classes, dicom_seg_path(target))
     return target
 
 
-def _write_statistics(target: Path, volume: Volume, result: Prediction, dtype) -> None:
-    """``CASE_statistics.json`` of a prediction, on the label map file's grid (as ``m4oe statistics``)."""
-    from ..data.io import from_canonical
+def _write_statistics(target: Path, volume: Volume, result: Prediction, labels) -> None:
+    """``CASE_statistics.json`` of a prediction, on the label map file's grid (``labels``, the written
+    label map's image), as ``m4oe statistics`` computes it."""
     from ..eval.statistics import structure_statistics, write_case
 
-    labels = from_canonical(result.labels.astype(dtype), volume.geometry, volume.orientation)
     image = from_canonical(volume.array, volume.geometry, volume.orientation)
     classes = dict(zip(result.label_values, result.class_names, strict=True))
     maps = {k: from_canonical(v, volume.geometry, volume.orientation) for k, v in (result.uncertainty or {}).items()}
@@ -301,8 +306,6 @@ def in_file_order(probabilities: np.ndarray, geometry, orientation: str) -> np.n
     """``[class, z, y, x]`` probabilities from the canonical (LPS) order into the file's own voxel
     order, the order in which the label map written beside them is stored."""
     import SimpleITK as sitk
-
-    from ..data.io import from_canonical
 
     def reorder(channel: np.ndarray) -> np.ndarray:
         wide = channel.astype(np.float32) if channel.dtype == np.float16 else channel  # ITK has no float16

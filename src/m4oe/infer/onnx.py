@@ -143,7 +143,6 @@ class OnnxModel:
 
     def __init__(self, session: OnnxSession, model: SegmentationModel) -> None:
         self.session, self.config, self.class_names = session, model.config, list(model.class_names)
-        self.dataset_names, self.modalities = list(model.dataset_names), list(model.modalities)
 
     def check(self, dataset: str | None, modality: str | None, routing: str, digest: str) -> None:
         """Refuse a file exported from other weights, or for another dataset, expert or routing."""

@@ -205,6 +205,7 @@ def run_train(
     histories = {}
     for done, (name, (run_out, datasets)) in enumerate(runs.items()):
         task, report = tasks[name]
+        now = time.perf_counter()  # this run's start: its share of the budget counts from here
         if runtime.main:
             write_run_config(run_out, experiment, {"phase": "train", "cache": str(cache.path),
                                                    "datasets_in_run": datasets,
@@ -226,8 +227,8 @@ def run_train(
             progress=progress,
             stop_at_step=stop_at_step,
             # runs one after another (one per modality) share what is left of the budget
-            budget_seconds=None if budget is None else (clock + budget - time.perf_counter()) / (len(runs) - done),
-            clock=None if budget is None else time.perf_counter(),
+            budget_seconds=None if budget is None else (clock + budget - now) / (len(runs) - done),
+            clock=None if budget is None else now,
         )
     return histories
 
