@@ -63,6 +63,14 @@ def predict(
     engine: str = typer.Option("torch", help="torch, or onnx: the model's slices through onnxruntime (CPU, fp32)."),
     onnx: Path = typer.Option(None, help="With --engine onnx: a file of m4oe export for this request (default: "
                               "exported for it on the fly)."),  # fmt: skip
+    orientation: str = typer.Option(
+        "auto", help="For a dataset whose files needed a flip: auto (the way the model is surer of), dataset (flip "
+        "as its files), header (trust the input's header)."
+    ),
+    strict: bool = typer.Option(
+        False, help="Refuse an input whose intensities look unlike the training scans (units, modality) instead of "
+        "warning."
+    ),
 ) -> None:
     """Segment volumes; label maps keep the input's spacing, origin and direction."""
     from ..bundle import BundleError, load_bundle
@@ -74,7 +82,8 @@ def predict(
         rotations = _angles(tta_rotate)
         members = [
             Predictor(load_bundle(path), device, batch_size, tta=tta, keep_largest=keep_largest, routing=routing,
-                      precision=precision, postprocess=postprocess, rotations=rotations, engine=engine, onnx=onnx)
+                      precision=precision, postprocess=postprocess, rotations=rotations, engine=engine, onnx=onnx,
+                      orientation=orientation, strict=strict)
             for path in model
         ]  # fmt: skip
         predictor = members[0] if len(members) == 1 else EnsemblePredictor(members)
@@ -90,10 +99,9 @@ def predict(
         console.print("hint: this CPU computes bf16 natively; --precision bf16 predicts about 2x faster here "
                       "(label maps agreed on at least 99.9 % of voxels in docs/decisions.md)")  # fmt: skip
     for path, weights in report.experts.items():
-        if len(weights) > 1 and modality is None:
-            top = max(weights, key=weights.get)
+        if len(weights) > 1 and modality is None:  # a mixture, not the input's modality (docs/results.md, routing)
             detail = ", ".join(f"{m} {w:.2f}" for m, w in weights.items())
-            console.print(f"{Path(path).name}: expert {top} dominated (mean gate weight {detail})")
+            console.print(f"{Path(path).name}: mean gate weight per expert {detail}")
     for path, text in report.warnings:
         tagged("warning", "yellow", f"{path}: {text}")
     for path, reason in report.failed:

@@ -79,6 +79,10 @@ class DatasetConfig:
             ``prepare`` refuses a value that leaves labelled voxels of any case outside; prediction
             for this dataset (or for a modality whose datasets share one view) sees the same part
             and calls the rest background.
+        stored_window: the physical window the files store as 0..255, e.g. ``[-125, 275]`` for
+            BTCV's 8-bit Hounsfield window (default: dataset.json's ``stored_window``, else none: the
+            values are physical). The cache, its statistics and the bundle are then in physical units,
+            so the model takes a scan straight from a scanner.
     """
 
     path: str
@@ -93,6 +97,7 @@ class DatasetConfig:
     split: SplitConfig | None = None
     flip: tuple[str, ...] = ()
     fov: float = 1.0
+    stored_window: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -289,6 +294,12 @@ def _parse_dataset(values: Any, index: int, split: SplitConfig, base_dir: Path) 
     fov = float(_expect(values.get("fov", 1.0), (int, float), f"{where}.fov"))
     if not 0.1 <= fov <= 1:
         raise ConfigError(f"{where}.fov must be a fraction of the field of view in [0.1, 1], got {fov}")
+    window = values.get("stored_window")
+    if window is not None:
+        window = _expect(window, list, f"{where}.stored_window")
+        if len(window) != 2 or not all(isinstance(v, (int, float)) for v in window) or not window[0] < window[1]:
+            raise ConfigError(f"{where}.stored_window must be [low, high] in physical units (low < high), got {window}")
+        window = (float(window[0]), float(window[1]))
     return DatasetConfig(
         path=str(path),
         modality=_expect(values["modality"], str, f"{where}.modality") if "modality" in values else None,
@@ -302,6 +313,7 @@ def _parse_dataset(values: Any, index: int, split: SplitConfig, base_dir: Path) 
         split=_parse_split(values.get("split"), f"{where}.split", split) if "split" in values else split,
         flip=flip,
         fov=fov,
+        stored_window=window,
     )
 
 

@@ -48,6 +48,7 @@ class DatasetSource:
     cases: list[Case] = field(default_factory=list)
     flip: tuple[str, ...] = ()  # in-plane axes reversed after reorientation (a header that contradicts the anatomy)
     fov: float = 1.0  # central fraction of each in-plane side the model sees
+    stored_window: tuple[float, float] | None = None  # the physical window the files store as 0..255
 
     @property
     def label_names(self) -> list[str]:
@@ -231,7 +232,20 @@ def open_dataset(config: DatasetConfig, problems: list[str]) -> DatasetSource | 
         cases=cases,
         flip=tuple(config.flip),
         fov=config.fov,
+        stored_window=config.stored_window or _stored_window(meta, json_path, problems),
     )
+
+
+def _stored_window(meta: dict, json_path: Path, problems: list[str]) -> tuple[float, float] | None:
+    """dataset.json's ``stored_window`` (see ``DatasetConfig.stored_window``), if it gives one."""
+    window = meta.get("stored_window")
+    if window is None:
+        return None
+    ok = isinstance(window, list) and len(window) == 2 and all(isinstance(v, (int, float)) for v in window)
+    if not ok or not window[0] < window[1]:
+        problems.append(f"{json_path}: stored_window must be [low, high] in physical units, got {window!r}")
+        return None
+    return float(window[0]), float(window[1])
 
 
 def assign_folds(case_ids: list[str], split: SplitConfig, where: str) -> dict[str, int]:

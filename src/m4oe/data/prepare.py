@@ -30,6 +30,7 @@ from ..config.choices import STORAGE_TYPES
 from ..files import OutputError, check_output_dir, mark_output_dir, replace_dir
 from . import cache_format
 from .datasets import Case, DataError, DatasetSource, open_dataset
+from .intensity import histogram, intensity_records, sample_volume, to_physical
 from .mirrored import mirrored_datasets
 from .normalize import ct_statistics, normalize, sample_foreground, scheme_statistics
 
@@ -102,6 +103,8 @@ def dataset_fingerprint(source: DatasetSource) -> str:
         payload["flip"] = list(s.flip)
     if s.fov != 1:
         payload["fov"] = s.fov
+    if s.stored_window is not None:
+        payload["stored_window"] = list(s.stored_window)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -129,6 +132,9 @@ def _check_case(task: dict[str, Any]) -> dict[str, Any]:
         bad = int((~np.isfinite(image.array)).sum())
         if bad:
             problems.append(f"{task['image']}: {bad} NaN/Inf voxels")
+            return out
+    intensities = to_physical(image.array, task["window"])
+    out["volume_samples"] = sample_volume(intensities, np.random.default_rng([task["seed"], 1]))
     out.update(shape=image.array.shape, spacing=image.spacing_zyx, orientation=image.orientation)
     out["geometry"] = image.geometry.to_dict()
     if task["label"] is None:
@@ -159,8 +165,7 @@ def _check_case(task: dict[str, Any]) -> dict[str, Any]:
     if task["fov"] < 1 and not problems:
         problems.extend(_outside_view(task, label.array))
     if task["sample"] and not problems:
-        rng = np.random.default_rng(task["seed"])
-        out["samples"] = sample_foreground(image.array, label.array, rng)
+        out["samples"] = sample_foreground(intensities, label.array, np.random.default_rng(task["seed"]))
     return out
 
 
@@ -191,7 +196,8 @@ def _write_case(task: dict[str, Any]) -> dict[str, Any]:
 
     image = read_volume(task["image"])
     plan = SlicePlan.fit(image.array.shape[1:], image.spacing_zyx[1:], task["size"], task["fov"])
-    slices = fit_slices(normalize(flip_in_plane(image.array, task["flip"]), task["stats"]), plan).numpy()
+    normalised = normalize(flip_in_plane(to_physical(image.array, task["window"]), task["flip"]), task["stats"])
+    slices = fit_slices(normalised, plan).numpy()
     if task["label"] is not None:
         label = flip_in_plane(read_volume(task["label"]).array, task["flip"]).astype(np.int64)
         lut = np.asarray(task["lut"], dtype=np.uint8)
@@ -216,6 +222,7 @@ def _write_case(task: dict[str, Any]) -> dict[str, Any]:
         "plan": plan.to_dict(),
         "foreground": (label_slices > 0).reshape(count, -1).mean(axis=1).astype(np.float32),
         "affine": affine,
+        "histogram": histogram(normalised),
     }
 
 
@@ -271,6 +278,7 @@ def check(config: ExperimentConfig, workers: int = 2, progress: bool = True):
             "dataset": source.name,
             "flip": list(source.flip),
             "fov": source.fov,
+            "window": source.stored_window,
         }
         for i, (source, case) in enumerate(pairs)
     ]
@@ -299,7 +307,10 @@ def _statistics(sources: list[DatasetSource], results: list[dict]) -> dict[str, 
         else:
             stats[source.name] = scheme_statistics(source.normalization)
         stats[source.name]["modality"] = source.modality
+        if source.stored_window is not None:
+            stats[source.name]["stored_window"] = list(source.stored_window)
     return stats
+
 
 
 def prepare(
@@ -373,6 +384,7 @@ def prepare(
                     "stats": stats[source.name],
                     "flip": list(source.flip),
                     "fov": source.fov,
+                    "window": source.stored_window,
                     "size": size,
                     "storage": storage,
                     "start": int(starts[i]),
@@ -380,6 +392,8 @@ def prepare(
                 }
             )
         written = _run(_write_case, tasks, workers, "caching", progress)
+        for name, record in intensity_records(sources, checks, written).items():
+            stats[name]["intensity"] = record  # travels in the bundle with the statistics
         fingerprints = {s.name: dataset_fingerprint(s) for s in sources}
         meta = cache_format.build_meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary,
                                        modalities, fingerprints)  # fmt: skip

@@ -11,7 +11,7 @@ union-vocabulary indices).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,8 @@ from ..memory import keep_freed_memory
 from ..model.base import SegmentationModel
 from ..model.head import class_argmax
 from .engine import SliceEngine, SliceRequest
+from .intensity_check import intensity_warnings, physical_input
+from .orientation import ORIENTATIONS, flip_note, foreground_confidence, probe_indices
 from .scan_warnings import edge_warnings, fov_edge_classes, header_warnings, modality_warnings
 
 CPU_BATCH = 8  # m4oe-t on 2 cores, 512^2 CT: batch 8 was 3-6% faster than 16 and needed 2.0 GB, not 3.0
@@ -118,6 +120,10 @@ class Predictor:
         precision: ``fp32``, ``bf16`` (weights and activations) or ``auto``: bf16 on a GPU, fp32 on a
             CPU (on a CPU with bf16 matrix instructions, AVX512-BF16 or AMX, ``bf16`` runs the model
             about 3x faster). The model is moved and cast in place.
+        orientation: ``auto``, ``dataset`` or ``header``: whether a dataset's in-plane flip is applied
+            to an input (see :mod:`m4oe.infer.orientation`).
+        strict: refuse an input whose intensities look unlike the training scans of the request
+            (:mod:`m4oe.infer.intensity_check`) instead of warning.
 
     On the CPU it sets two process-wide things: PyTorch's thread count (all cores) and glibc's
     allocator thresholds (:func:`m4oe.memory.keep_freed_memory`).
@@ -136,8 +142,13 @@ class Predictor:
         rotations: tuple[float, ...] = (),
         engine: str = "torch",
         onnx: str | os.PathLike | None = None,
+        orientation: str = "auto",
+        strict: bool = False,
     ) -> None:
         check_segmentation_bundle(model, "--model")
+        if orientation not in ORIENTATIONS:
+            raise PredictError(f"--orientation {orientation!r}: use one of {', '.join(ORIENTATIONS)}")
+        self.orientation, self.strict = orientation, strict
         if engine not in ENGINES:
             raise PredictError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
         if engine == "onnx":
@@ -258,6 +269,25 @@ class Predictor:
             return []
         return [c for c in classes if c in self.largest_only.get(dataset, ())]
 
+    def _flip_for(self, volume: Volume, request: PredictRequest, engine: SliceEngine, name: str):
+        """The in-plane flip for this input (see :mod:`m4oe.infer.orientation`) and a note when it is
+        not the dataset's."""
+        if not request.flip or self.orientation == "dataset":
+            return request.flip, []
+        if self.orientation == "header":
+            return [], []
+        plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size, request.fov)
+        probe = normalize(volume.array, request.normalization)[probe_indices(volume.array.shape[0])]
+        confidence = []
+        for flip in (request.flip, []):
+            slices = fit_slices(flip_in_plane(probe, flip), plan)
+            parts = [p.scores[:, request.class_index] for p in engine.batches(slices, request.slices)]
+            scores = torch.cat(parts)
+            confidence.append(foreground_confidence(scores if engine.averaged else scores.softmax(1)))
+        if confidence[1] > confidence[0]:
+            return [], [flip_note(name, request.flip, *confidence)]
+        return request.flip, []
+
     def prepare(
         self, volume: Volume, normalization: dict, flip: list[str] | None = None, fov: float = 1.0
     ) -> tuple[torch.Tensor, SlicePlan]:
@@ -277,6 +307,15 @@ class Predictor:
         from .uncertainty import UncertaintyMaps, expert_views, has_experts
 
         request = self.resolve(dataset, modality)
+        name = dataset or (self.model.modalities[request.modality] if request.modality is not None else "the model")
+        array, notes = physical_input(volume.array, request.normalization, name)
+        problems = intensity_warnings(array, request.normalization, name)
+        if problems and self.strict:
+            raise PredictError(f"{problems[0]} (refused: --strict)")
+        volume = replace(volume, array=array) if array is not volume.array else volume
+        engine = self._engine_for(request, dataset)
+        flip, orientation_notes = self._flip_for(volume, request, engine, name)
+        request = replace(request, flip=flip)
         slices, plan = self.prepare(volume, request.normalization, request.flip, request.fov)
         class_index = torch.tensor(request.class_index, device=self.device)
         few = len(class_index) <= 256  # class indices in one byte: a 100 x 512^2 map is 26 MB, not 210
@@ -284,7 +323,6 @@ class Predictor:
         labels = np.zeros(volume.array.shape, dtype=np.uint8 if few else np.int16)
         probs_out = np.zeros((len(class_index), *volume.array.shape), np.float16) if probabilities else None
         gate_sum, gate_count = None, 0
-        engine = self._engine_for(request, dataset)
         averaged = engine.averaged  # probabilities averaged over views, not logits
         with_views = uncertainty and engine is self.engine and has_experts(self.model)
         maps = UncertaintyMaps(volume.array.shape, with_views) if uncertainty else None
@@ -318,7 +356,8 @@ class Predictor:
         if gate_sum is not None:
             weights = (gate_sum / gate_count).tolist()
             experts = {m: round(w, 4) for m, w in zip(self.model.modalities, weights, strict=True)}
-        warnings = modality_warnings(volume, request.normalization, self.model.modalities) + edges
+        warnings = problems + notes + orientation_notes
+        warnings += modality_warnings(volume, request.normalization, self.model.modalities) + edges
         warnings += header_warnings(volume)
         return Prediction(
             values[labels], request.classes, request.values, experts, probs_out, warnings, largest_only, at_edge,
