@@ -8,7 +8,8 @@ and seed: Dice per dataset at each point, wall time and slices/s (``learning.jso
 A variant is a name followed by ``m4oe train --set`` words (``model.preset=convnext-unet-s``,
 ``train.lr=0.01``, ``datasets.ACDC.fov=0.8``), in one quoted argument; ``slices=N`` replaces
 ``--slices`` for that variant (one model per modality at equal total slices: ``slices`` = budget /
-modalities). ``--set`` words apply to every variant, before the variant's own. Examples::
+modalities). ``--set`` words apply to every variant, before the variant's own. ``--ood DATA`` also
+scores each model on the TotalSegmentator sample scans under ``DATA`` (``experiments/ood.py``). Examples::
 
     python benchmarks/learning.py --cache cache/base128 --slices 14400 --points 4 --seeds 0 1 \\
         --variant "m4oe model.preset=m4oe-convnext-s" --variant "dense model.preset=convnext-unet-s" \\
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from m4oe.config import ConfigError, apply_overrides, parse_experiment
 from m4oe.train.finetune import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+CASE_NAMES = ("CT", "MR")  # experiments/ood.py's sample scans
 
 
 def parse_variant(text: str) -> tuple[str, list[str], int | None]:
@@ -74,6 +78,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                         help="m4oe train --set words shared by every variant, e.g. train.lr=0.01")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ood", type=Path, metavar="DATA", help="score each model on DATA/samples/totalsegmentator")
     args = parser.parse_args()
 
     base = yaml.safe_load(args.config.read_text())
@@ -101,6 +106,10 @@ def main() -> None:
             result = {"variant": name, "preset": preset, "model": model, "train": train, "seed": seed,
                       "slices": slices * models, "seconds": round(seconds, 1),
                       "slices_per_s": round(slices * models / seconds, 1), "curve": curve(out)}  # fmt: skip
+            if args.ood and (out / "last").is_dir():
+                from ood import score_samples
+
+                result["ood"] = {k: v["mean"] for k, v in score_samples(out / "last", args.ood).items()}
             results.append(result)
             print(json.dumps(result), flush=True)
             write(args.out, results)
@@ -122,6 +131,13 @@ def write(out: Path, results: list[dict]) -> None:
             timing = f"{r['seconds']} | {r['slices_per_s']}" if i == points - 1 else " | "
             lines.append(f"| {r['variant']} | {r['seed']} | {seen} | {point.get('seconds', '')} | {cells} | {timing} |")
     lines += ["", *summary(results, datasets)]
+    if any("ood" in r for r in results):
+        lines += ["", "Out of distribution (experiments/ood.py: TotalSegmentator sample scans, headline mean Dice):",
+                  "", "| variant | seed | " + " | ".join(CASE_NAMES) + " |", "|---|---:|" + "---:|" * len(CASE_NAMES)]
+        for r in results:
+            if "ood" in r:
+                lines.append(f"| {r['variant']} | {r['seed']} | "
+                             + " | ".join(f"{r['ood'].get(k, float('nan')):.3f}" for k in CASE_NAMES) + " |")
     (out / "learning.md").write_text("\n".join(lines) + "\n")
 
 

@@ -13,7 +13,9 @@ changes the recipe as it does for ``m4oe train``. It writes, under ``--out``:
   is the bundle ``m4oe predict`` uses as it is);
 * ``reference.json`` and ``reference.md``: per-organ validation Dice per dataset (3D, whole volumes
   on the cache's grid), the learning curve, time and slices/s;
-* ``curve.png``: validation Dice per dataset against training slices.
+* ``curve.png``: validation Dice per dataset against training slices;
+* the out-of-distribution check of ``experiments/ood.py`` (the TotalSegmentator sample scans, which
+  the model never trains on) in both reports, when the samples lie beside the datasets.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +35,10 @@ from m4oe.train.finetune import run_train
 from m4oe.train.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))  # its neighbour ood.py, also when this file is loaded by path
+from ood import SAMPLES, score_samples  # noqa: E402
+from ood import markdown as ood_markdown  # noqa: E402
+
 RECIPE = ROOT / "configs" / "cpu_reference.yaml"
 SYNAPSE = ["aorta", "gallbladder", "right_kidney", "left_kidney", "liver", "pancreas", "spleen", "stomach"]
 
@@ -139,6 +146,9 @@ def markdown(result: dict) -> str:
     for point in result["curve"]:
         lines.append(f"| {point['slices']} | " + " | ".join(f"{point.get(n, float('nan')):.3f}"
                                                             for n in result["validation"]) + " |")  # fmt: skip
+    if result.get("ood"):
+        lines += ["", "Out of distribution: the TotalSegmentator sample scans against TotalSegmentator's masks "
+                  "(experiments/ood.py):", "", ood_markdown(result["ood"]).rstrip()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +216,9 @@ def main() -> None:
         "train_minutes": (finished - pretrained) / 60, "slices_per_s": slices / (finished - pretrained),
         "validation": summary(validation), "curve": points,
     }  # fmt: skip
+    data = Path(exp.datasets[0].path).parent
+    if (data / SAMPLES).is_dir():
+        result["ood"] = score_samples(args.out / "train" / "last", data)
     write_json(args.out / "reference.json", result, indent=2)
     write_text(args.out / "reference.md", markdown(result))
     plot(result["curve"], list(result["validation"]), args.out / "curve.png")

@@ -218,3 +218,17 @@ def test_orientation_auto_keeps_the_flip_only_where_the_model_is_surer(tmp_path,
     assert (flipped.any() != organ_top) and (header.any() == organ_top)
     with pytest.raises(PredictError, match="--orientation"):
         Predictor(model, orientation="sideways")
+
+
+def test_ood_check_maps_totalsegmentator_names_and_scores_dice():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "ood.py"
+    spec = importlib.util.spec_from_file_location("ood", path)
+    ood = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ood)
+    assert ood.m4oe_name("kidney_right") == "right_kidney"
+    assert ood.m4oe_name("adrenal_gland_left") == "left_adrenal_gland" and ood.m4oe_name("aorta") == "aorta"
+    a = np.array([1, 1, 0, 0], bool)
+    assert ood.dice(a, np.array([1, 0, 1, 0], bool)) == 0.5 and np.isnan(ood.dice(~a & a, ~a & a))
