@@ -232,3 +232,39 @@ def test_ood_check_maps_totalsegmentator_names_and_scores_dice():
     assert ood.m4oe_name("adrenal_gland_left") == "left_adrenal_gland" and ood.m4oe_name("aorta") == "aorta"
     a = np.array([1, 1, 0, 0], bool)
     assert ood.dice(a, np.array([1, 0, 1, 0], bool)) == 0.5 and np.isnan(ood.dice(~a & a, ~a & a))
+
+
+# --- robustness augmentation --------------------------------------------------------------------
+
+
+def test_monotonic_remap_against_numpy_interp():
+    from m4oe.data.augment import remap_monotonic
+
+    g = torch.Generator().manual_seed(3)
+    image = torch.linspace(-2, 5, 2 * 16 * 16).reshape(2, 1, 16, 16)
+    out = remap_monotonic(image, torch.tensor([True, False]), 4, torch.Generator().manual_seed(3))
+    steps = -torch.log(torch.rand(2, 5, generator=g).clamp_min(1e-6))
+    ys = np.concatenate([[0.0], (steps.cumsum(1) / steps.sum(1, keepdim=True))[0].numpy()])
+    x = image[0].numpy().ravel()
+    lo, hi = x.min(), x.max()
+    expected = np.interp((x - lo) / (hi - lo), np.linspace(0, 1, 6), ys) * (hi - lo) + lo
+    assert np.allclose(out[0].numpy().ravel(), expected, atol=1e-5)
+    assert torch.equal(out[1], image[1])  # not chosen: untouched
+    assert (np.diff(out[0].numpy().ravel()) >= -1e-6).all()  # increasing, ends in place
+    assert out[0].min() == pytest.approx(lo) and out[0].max() == pytest.approx(hi)
+
+
+def test_robust_augment_is_off_by_default_and_draws_nothing():
+    from m4oe.data.augment import AugmentConfig, augment_batch
+
+    image, label = torch.randn(4, 1, 32, 32), torch.zeros(4, 32, 32, dtype=torch.long)
+    plain = augment_batch(image, label, AugmentConfig(), torch.Generator().manual_seed(0))
+    zero = augment_batch(image, label, AugmentConfig(robust_prob=0.0), torch.Generator().manual_seed(0))
+    assert torch.equal(plain[0], zero[0])
+    config = AugmentConfig(spatial_prob=0, brightness=(1, 1), shift_std=0, gamma_prob=0, noise_prob=0,
+                           robust_prob=1.0, lowres=(0.25, 0.25))  # fmt: skip
+    smooth = augment_batch(image, label, config, torch.Generator().manual_seed(0))[0]
+    # a grid a quarter the side: neighbouring pixels far closer than in white noise
+    assert (smooth.diff(dim=-1).abs().mean() < 0.5 * image.diff(dim=-1).abs().mean()).item()
+    with pytest.raises(ConfigError, match="robust_augment"):
+        parse_experiment({"datasets": [{"path": "x"}], "train": {"robust_augment": 1.5}})

@@ -144,6 +144,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd (Nesterov, momentum 0.99, as nnU-Net)
     schedule: str = "cosine"  # cosine | poly (nnU-Net's (1 - step/steps)^0.9), after the warm-up
     augment: bool = True
+    # robustness augmentation (coarser resolution, monotonic intensity remapping): each per slice with
+    # this probability (0: off, and nothing of it drawn)
+    robust_augment: float = 0.0
     routing: str | None = None  # override the model's routing mode for training
     baseline: str | None = None  # "per_modality": one model per modality (paradigm a)
     # phase 1 (MAE)
@@ -195,6 +198,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be a fraction of phase 2 in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"train.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.robust_augment <= 1.0:
+            raise ConfigError(f"train.robust_augment must be a probability in [0, 1], got {self.robust_augment}")
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise ConfigError(f"train.foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
 

@@ -2,7 +2,10 @@
 
 Spatial: random rotation, isotropic scaling, optional flips and optional elastic deformation, all
 composed into one sampling grid (images bilinear, labels nearest). Intensity: multiplicative
-brightness, additive shift, gamma (on each slice's own range) and Gaussian noise.
+brightness, additive shift, gamma (on each slice's own range) and Gaussian noise. Robustness, off by
+default (``robust_prob``): a coarser in-plane resolution (down- and up-sampled, as from a scanner's
+thicker slices or coarser pixels) and a random monotonic remapping of intensities (an MR sequence's
+other contrast), each drawn for a slice with that probability.
 
 Flips are off by default: mirroring left-right swaps the meaning of lateral labels (left / right
 kidney, adrenal glands) on abdominal data.
@@ -34,6 +37,9 @@ class AugmentConfig:
     gamma_prob: float = 0.3
     noise_std: float = 0.05
     noise_prob: float = 0.15
+    robust_prob: float = 0.0  # each of the robustness transforms, per slice (0: none drawn at all)
+    lowres: tuple[float, float] = (0.4, 1.0)  # the side of the coarser grid, as a fraction of the slice's
+    remap_knots: int = 4  # interior knots of the monotonic intensity curve
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator, device) -> Tensor:
@@ -82,7 +88,43 @@ def augment_batch(
         keep = identity[:, None, None, None]
         image = torch.where(keep, image, warped)
         label = torch.where(keep[:, 0], label, warped_label[:, 0].long())
+    if config.robust_prob > 0:
+        image = _robust(image, config, generator)
     return _intensity(image, config, generator), label
+
+
+def _robust(image: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
+    """Coarser resolution and a monotonic intensity remapping, each on a ``robust_prob`` share of slices."""
+    B, S, device = image.shape[0], image.shape[-1], image.device
+    coarse = _chance(B, config.robust_prob, generator, device)
+    sides = (_uniform(B, *config.lowres, generator, device) * S).round().clamp(4, S).long().tolist()
+    slices = []
+    for b, side in enumerate(sides):  # one grid size per slice: a loop over the batch's few coarse ones
+        one = image[b : b + 1]
+        if coarse[b] and side < S:
+            small = F.interpolate(one, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            one = F.interpolate(small, size=(S, S), mode="bilinear", align_corners=False)
+        slices.append(one)
+    image = torch.cat(slices)
+    return remap_monotonic(image, _chance(B, config.robust_prob, generator, device), config.remap_knots, generator)
+
+
+def remap_monotonic(image: Tensor, chosen: Tensor, knots: int, generator: torch.Generator) -> Tensor:
+    """Each chosen slice's intensities through a random increasing piecewise-linear curve on its own
+    range (its lowest and highest values stay put); the other slices unchanged."""
+    B, device = image.shape[0], image.device
+    steps = -torch.log(torch.rand(B, knots + 1, generator=generator, device=device).clamp_min(1e-6))  # Dirichlet(1)
+    ys = torch.cat([torch.zeros(B, 1, device=device), steps.cumsum(1) / steps.sum(1, keepdim=True)], dim=1)
+    lo = image.amin(dim=(1, 2, 3), keepdim=True)
+    span = (image.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-6)
+    x = ((image - lo) / span).clamp(0, 1) * (knots + 1)  # position along the knots' evenly spaced xs
+    k = x.floor().clamp(max=knots).long()
+    frac = x - k
+    flat = ys.view(B, 1, 1, 1, knots + 2).expand(*image.shape, knots + 2)
+    y0 = flat.gather(-1, k.unsqueeze(-1)).squeeze(-1)
+    y1 = flat.gather(-1, (k + 1).clamp(max=knots + 1).unsqueeze(-1)).squeeze(-1)
+    remapped = (y0 + (y1 - y0) * frac) * span + lo
+    return torch.where(chosen.view(B, 1, 1, 1), remapped, image)
 
 
 def _intensity(image: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:

@@ -172,7 +172,7 @@ def fit(
             budget.refit(position.step, budget.epoch_start_time)
     loss_module = _wrap(module, config, runtime)
     autocast = autocast_factory(runtime.device, config.amp)
-    augment = AugmentConfig() if config.augment else None
+    augment = AugmentConfig(robust_prob=config.robust_augment) if config.augment else None
     pin_memory, context = runtime.device.type == "cuda", task.model.config.slice_context
     loader = make_loader(cache, sampler, workers=config.workers, pin_memory=pin_memory, context=context)
     divergence = Divergence(runtime.device)
