@@ -15,6 +15,7 @@ and :func:`synthetic_cache` writes a random one for benchmarks on machines witho
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,3 +236,47 @@ def synthetic_cache(path: Path, slices: int, size: int = 224, datasets: int = 3)
         "cases": [],
     })  # fmt: skip
     return path
+
+
+def cache_fingerprint(sources: list, img_size: int, storage: str) -> str:
+    """What a whole cache depends on: its format, slice size, storage and every dataset's part."""
+    payload = {
+        "format": FORMAT,
+        "img_size": img_size,
+        "storage": storage,
+        "datasets": [dataset_fingerprint(s) for s in sources],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dataset_fingerprint(source) -> str:
+    """What a dataset's part of the cache depends on: its settings (fold and weight included) and
+    the size and time of every file."""
+
+    def stat(path: Path | None) -> list:
+        if path is None:
+            return []
+        info = path.stat()
+        return [str(path), info.st_size, info.st_mtime_ns]
+
+    s = source
+    payload = {
+        "name": s.name,
+        "modality": s.modality,
+        "normalization": s.normalization,
+        "labeled": s.labeled,
+        "label_values": s.label_values,
+        "label_map": s.label_map,
+        # The sampling weight is read from the config when training starts; a constant stands in
+        # its place so that caches prepared while it was part of the fingerprint stay valid.
+        "weight": 1.0,
+        "split": [s.split.folds, s.split.fold, s.split.seed, s.split.group_pattern, s.split.val],
+        "cases": [[c.case_id, stat(c.image), stat(c.label)] for c in s.cases],
+    }
+    if s.flip:  # only when set, so that caches prepared before the option existed stay valid
+        payload["flip"] = list(s.flip)
+    if s.fov != 1:
+        payload["fov"] = s.fov
+    if s.stored_window is not None:
+        payload["stored_window"] = list(s.stored_window)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -12,8 +12,6 @@ unchanged inputs is a no-op (same fingerprint).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -63,49 +61,6 @@ def discover(config: ExperimentConfig, problems: list[str]) -> list[DatasetSourc
             if unknown:
                 problems.append(f"{source.root}: split.val names cases that are not in the dataset: {unknown[:10]}")
     return [s for s in sources if s is not None]
-
-
-def _fingerprint(sources: list[DatasetSource], img_size: int, storage: str) -> str:
-    payload = {
-        "format": cache_format.FORMAT,
-        "img_size": img_size,
-        "storage": storage,
-        "datasets": [dataset_fingerprint(s) for s in sources],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def dataset_fingerprint(source: DatasetSource) -> str:
-    """What a dataset's part of the cache depends on: its settings (fold and weight included) and
-    the size and time of every file."""
-
-    def stat(path: Path | None) -> list:
-        if path is None:
-            return []
-        info = path.stat()
-        return [str(path), info.st_size, info.st_mtime_ns]
-
-    s = source
-    payload = {
-        "name": s.name,
-        "modality": s.modality,
-        "normalization": s.normalization,
-        "labeled": s.labeled,
-        "label_values": s.label_values,
-        "label_map": s.label_map,
-        # The sampling weight is read from the config when training starts; a constant stands in
-        # its place so that caches prepared while it was part of the fingerprint stay valid.
-        "weight": 1.0,
-        "split": [s.split.folds, s.split.fold, s.split.seed, s.split.group_pattern, s.split.val],
-        "cases": [[c.case_id, stat(c.image), stat(c.label)] for c in s.cases],
-    }
-    if s.flip:  # only when set, so that caches prepared before the option existed stay valid
-        payload["flip"] = list(s.flip)
-    if s.fov != 1:
-        payload["fov"] = s.fov
-    if s.stored_window is not None:
-        payload["stored_window"] = list(s.stored_window)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,7 +296,7 @@ def prepare(
     sources = discover(config, problems)
     if problems:
         check(config, workers, progress)  # raises, listing these and every per-case problem
-    fingerprint = _fingerprint(sources, size, storage)
+    fingerprint = cache_format.cache_fingerprint(sources, size, storage)
     meta = None if force else cache_format.read_meta(out)
     if meta is not None and meta.complete and meta.fingerprint == fingerprint:
         seconds = time.perf_counter() - started
@@ -394,7 +349,7 @@ def prepare(
         written = _run(_write_case, tasks, workers, "caching", progress)
         for name, record in intensity_records(sources, checks, written).items():
             stats[name]["intensity"] = record  # travels in the bundle with the statistics
-        fingerprints = {s.name: dataset_fingerprint(s) for s in sources}
+        fingerprints = {s.name: cache_format.dataset_fingerprint(s) for s in sources}
         meta = cache_format.build_meta(sources, pairs, checks, written, starts, stats, label_sets, vocabulary,
                                        modalities, fingerprints)  # fmt: skip
         meta.update(img_size=size, storage=storage, num_slices=total, fingerprint=fingerprint)

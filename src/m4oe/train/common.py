@@ -134,8 +134,9 @@ def _reuse_as_is(experiment: ExperimentConfig, cache_dir: Path) -> bool:
 
 def _check_subset(experiment: ExperimentConfig, cache_dir: Path, meta: CacheMeta) -> None:
     """A config on some of a cache's datasets must describe them as the cache was prepared."""
+    from ..data.cache_format import dataset_fingerprint
     from ..data.datasets import DataError
-    from ..data.prepare import dataset_fingerprint, discover
+    from ..data.prepare import discover
 
     problems: list[str] = []
     sources = discover(experiment, problems)
