@@ -338,7 +338,8 @@ class Predictor:
             if probs_out is not None or maps is not None:
                 p = scores if averaged else scores.softmax(1)
             if probs_out is not None:
-                probs_out[:, start : start + b] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
+                # torch's copy converts and transposes in one pass (numpy's astype of the strided view: 60x slower)
+                torch.from_numpy(probs_out)[:, start : start + b] = p.permute(1, 0, 2, 3).cpu()
             if maps is not None:
                 others = [unfit_logits(v.scores[:, class_index], plan, probabilities=averaged) for v in next(views)] \
                     if views is not None else []  # fmt: skip
