@@ -5,20 +5,7 @@
 set -e
 BUNDLE=$1; CACHE=$2; WORK=$3
 cd "$(dirname "$0")/../.."
-python3 - "$CACHE" "$WORK" <<'PY'
-import json, os, sys
-from pathlib import Path
-meta = json.load(open(Path(sys.argv[1]) / "meta.json"))
-folds = {d["name"]: d["split"]["fold"] for d in meta["datasets"]}
-for case in meta["cases"]:
-    if case["fold"] != folds[case["dataset"]]:
-        continue
-    for kind, source in (("images", case["image"]), ("labels", case["label"])):
-        target = Path(sys.argv[2]) / case["dataset"] / kind / Path(source).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            os.symlink(source, target)
-PY
+python3 results/link_validation_cases.py "$CACHE" "$WORK"
 for name in BTCV CHAOS ACDC; do
   root=$(python3 -c "import json; m=json.load(open('$CACHE/meta.json')); print([d['path'] for d in m['datasets'] if d['name']=='$name'][0])")
   [ -f "$WORK/$name/pred/statistics.csv" ] || m4oe predict -m "$BUNDLE" -i "$WORK/$name/images" -o "$WORK/$name/pred" \

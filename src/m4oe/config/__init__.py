@@ -10,6 +10,7 @@ from .experiment import (
     TrainConfig,
     experiment_to_dict,
     parse_experiment,
+    window_pair,
 )
 from .model import PRESETS, ModelConfig, build_vocabulary, preset_config, register_preset
 from .yaml_io import apply_overrides, load_experiment
@@ -32,4 +33,5 @@ __all__ = [
     "parse_experiment",
     "preset_config",
     "register_preset",
+    "window_pair",
 ]

@@ -263,6 +263,12 @@ def _parse_split(values: Any, where: str, default: SplitConfig | None = None) ->
     return split
 
 
+def window_pair(value: Any) -> tuple[float, float] | None:
+    """A ``stored_window`` as ``(low, high)``, or None unless it is two numbers with low < high."""
+    ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    return (float(value[0]), float(value[1])) if ok and value[0] < value[1] else None
+
+
 def _parse_dataset(values: Any, index: int, split: SplitConfig, base_dir: Path) -> DatasetConfig:
     where = f"datasets[{index}]"
     _expect(values, dict, where)
@@ -301,10 +307,10 @@ def _parse_dataset(values: Any, index: int, split: SplitConfig, base_dir: Path) 
         raise ConfigError(f"{where}.fov must be a fraction of the field of view in [0.1, 1], got {fov}")
     window = values.get("stored_window")
     if window is not None:
-        window = _expect(window, list, f"{where}.stored_window")
-        if len(window) != 2 or not all(isinstance(v, (int, float)) for v in window) or not window[0] < window[1]:
+        pair = window_pair(_expect(window, list, f"{where}.stored_window"))
+        if pair is None:
             raise ConfigError(f"{where}.stored_window must be [low, high] in physical units (low < high), got {window}")
-        window = (float(window[0]), float(window[1]))
+        window = pair
     return DatasetConfig(
         path=str(path),
         modality=_expect(values["modality"], str, f"{where}.modality") if "modality" in values else None,

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DatasetConfig, SplitConfig
+from ..config import DatasetConfig, SplitConfig, window_pair
 
 
 class DataError(ValueError):
@@ -241,11 +241,10 @@ def _stored_window(meta: dict, json_path: Path, problems: list[str]) -> tuple[fl
     window = meta.get("stored_window")
     if window is None:
         return None
-    ok = isinstance(window, list) and len(window) == 2 and all(isinstance(v, (int, float)) for v in window)
-    if not ok or not window[0] < window[1]:
+    pair = window_pair(window)
+    if pair is None:
         problems.append(f"{json_path}: stored_window must be [low, high] in physical units, got {window!r}")
-        return None
-    return float(window[0]), float(window[1])
+    return pair
 
 
 def assign_folds(case_ids: list[str], split: SplitConfig, where: str) -> dict[str, int]:

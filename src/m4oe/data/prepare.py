@@ -87,7 +87,6 @@ def _check_case(task: dict[str, Any]) -> dict[str, Any]:
         bad = int((~np.isfinite(image.array)).sum())
         if bad:
             problems.append(f"{task['image']}: {bad} NaN/Inf voxels")
-            return out
     intensities = to_physical(image.array, task["window"])
     out["volume_samples"] = sample_volume(intensities, np.random.default_rng([task["seed"], 1]))
     out.update(shape=image.array.shape, spacing=image.spacing_zyx, orientation=image.orientation)
@@ -265,7 +264,6 @@ def _statistics(sources: list[DatasetSource], results: list[dict]) -> dict[str, 
         if source.stored_window is not None:
             stats[source.name]["stored_window"] = list(source.stored_window)
     return stats
-
 
 
 def prepare(

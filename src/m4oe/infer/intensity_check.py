@@ -55,9 +55,10 @@ def _units(sample: np.ndarray, normalization: dict, record: dict, dataset: str) 
     in_hu = window is not None or q["0.1"] < -500  # the training scans hold air (or a window below water)
     # a scan read in its stored window cannot go below the window's low end: darkness is relative to it
     dark = max(AIR_HU, window[0] + 0.25 * (window[1] - window[0])) if window is not None else AIR_HU
-    if in_hu and float(np.percentile(sample, 1)) > dark:
+    darkest = float(np.percentile(sample, 1))
+    if in_hu and darkest > dark:
         return [f"INPUT: nothing in it is as dark as air in Hounsfield units (1st percentile "
-                f"{np.percentile(sample, 1):.0f}), but {dataset} is a CT model in HU: is it an MRI, or a CT in other "
+                f"{darkest:.0f}), but {dataset} is a CT model in HU: is it an MRI, or a CT in other "
                 "units?"]  # fmt: skip
     if window is not None:
         return []  # the training scans were clipped to the window: any value outside it is read as its edge

@@ -269,6 +269,10 @@ class Predictor:
             return []
         return [c for c in classes if c in self.largest_only.get(dataset, ())]
 
+    def _plan(self, volume: Volume, fov: float) -> SlicePlan:
+        """How the volume's slices are fitted to the model input (as in training)."""
+        return SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size, fov)
+
     def _flip_for(self, volume: Volume, request: PredictRequest, engine: SliceEngine, name: str):
         """The in-plane flip for this input (see :mod:`m4oe.infer.orientation`) and a note when it is
         not the dataset's."""
@@ -276,7 +280,7 @@ class Predictor:
             return request.flip, []
         if self.orientation == "header":
             return [], []
-        plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size, request.fov)
+        plan = self._plan(volume, request.fov)
         probe = normalize(volume.array, request.normalization)[probe_indices(volume.array.shape[0])]
         confidence = []
         for flip in (request.flip, []):
@@ -294,7 +298,7 @@ class Predictor:
         """The model input of a volume, ``[Z, size, size]`` on the host, and the plan to map results back
         (``flip``: the in-plane axes the request's dataset reverses, see ``DatasetConfig.flip``;
         ``fov``: the central fraction of each side the model sees, see ``DatasetConfig.fov``)."""
-        plan = SlicePlan.fit(volume.array.shape[1:], volume.spacing_zyx[1:], self.model.config.img_size, fov)
+        plan = self._plan(volume, fov)
         return fit_slices(normalize(flip_in_plane(volume.array, flip or []), normalization), plan), plan
 
     @torch.no_grad()
