@@ -14,24 +14,29 @@ def expert(layer: MoEMLP, e: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def loop_reference(layer: MoEMLP, x: torch.Tensor, modality: torch.Tensor, routing: str) -> torch.Tensor:
-    """The M4oE equations written plainly: one sample and one expert at a time."""
+    """The M4oE equations written plainly: one sample and one expert at a time (plus the shared
+    expert, unweighted, when the layer has one)."""
     E = layer.num_experts
     outputs = []
     for b in range(x.shape[0]):
+        shared = 0.0
+        if layer.shared is not None:
+            fc1, fc2 = layer.shared.fc1, layer.shared.fc2
+            shared = F.linear(F.gelu(F.linear(x[b], fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
         if routing == "hard":
-            outputs.append(expert(layer, int(modality[b]), x[b]))
+            outputs.append(expert(layer, int(modality[b]), x[b]) + shared)
             continue
         if routing == "soft":
             gates = torch.softmax(layer.gate(x[b]), dim=-1)
         else:
             gates = torch.full((x.shape[1], E), 1.0 / E, dtype=x.dtype)
         out = sum(gates[:, e : e + 1] * expert(layer, e, x[b]) for e in range(E))
-        outputs.append(out)
+        outputs.append(out + shared)
     return torch.stack(outputs)
 
 
-def make_layer(E: int = 3, C: int = 12, H: int = 20) -> MoEMLP:
-    layer = MoEMLP(C, H, E).double()
+def make_layer(E: int = 3, C: int = 12, H: int = 20, shared: bool = False) -> MoEMLP:
+    layer = MoEMLP(C, H, E, shared=shared).double()
     with torch.no_grad():  # break the symmetric init so that experts and biases differ
         for p in layer.parameters():
             p.normal_(0, 0.3)
@@ -42,9 +47,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("routing", ["soft", "hard", "uniform"])
-def test_fast_matches_loop_reference_forward_and_gradients(routing):
-    layer = make_layer()
+def test_fast_matches_loop_reference_forward_and_gradients(routing, shared):
+    layer = make_layer(shared=shared)
     x = torch.randn(5, 7, 12, dtype=torch.float64, requires_grad=True)
     modality = torch.tensor([2, 0, 1, 1, 0])
     fast, _ = layer(x, modality, routing)
@@ -60,9 +66,10 @@ def test_fast_matches_loop_reference_forward_and_gradients(routing):
         assert rel_err(g_fast, g_ref) < 1e-10, name
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("routing", ["soft", "hard", "uniform"])
-def test_fast_matches_reference_in_float32(routing):
-    layer = make_layer().float()
+def test_fast_matches_reference_in_float32(routing, shared):
+    layer = make_layer(shared=shared).float()
     x = torch.randn(4, 49, 12)
     modality = torch.tensor([0, 1, 2, 0])
     fast, _ = layer(x, modality, routing)
@@ -113,13 +120,15 @@ def test_gate_modality_embedding_changes_the_gate():
     assert not torch.allclose(gates[0], gates[1])
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("hidden_ratio", [1, 3])
-def test_experts_initialised_from_dense_mlp(hidden_ratio):
-    """Full-width experts copy the dense MLP (any gate gives it back); split experts sum to it."""
+def test_experts_initialised_from_dense_mlp(hidden_ratio, shared):
+    """Full-width experts copy the dense MLP (any gate gives it back); split experts sum to it; a
+    shared expert starts silent."""
     C, H = 12, 24
     dense = DenseMLP(C, H).double()
     E = 3
-    layer = MoEMLP(C, H // E if hidden_ratio == 3 else H, E).double()
+    layer = MoEMLP(C, H // E if hidden_ratio == 3 else H, E, shared=shared).double()
     layer.load_dense(dense.fc1.weight, dense.fc1.bias, dense.fc2.weight, dense.fc2.bias)
     x = torch.randn(2, 5, C, dtype=torch.float64)
     expected, _ = dense(x)
@@ -180,3 +189,14 @@ def test_hard_routing_falls_back_to_one_hot_gates_where_grouped_gemms_are_off(mo
     monkeypatch.setattr(MoEMLP, "grouped_devices", frozenset())
     one_hot, _ = layer(x, modality, "hard")
     assert rel_err(one_hot, grouped) < 1e-6
+
+
+def test_a_shared_expert_is_added_to_one_scans_hard_routed_output():
+    """One scan's path (an ``int`` modality: the chosen expert's weights alone) plus the shared expert."""
+    layer = make_layer(shared=True)
+    x = torch.randn(2, 6, 12, dtype=torch.float64)
+    out, _ = layer(x, 1, "hard")
+    assert rel_err(out, loop_reference(layer, x, torch.tensor([1, 1]), "hard")) < 1e-10
+    without = expert(layer, 1, x)
+    assert rel_err(out - without, layer.shared(x)[0]) < 1e-10
+    assert (out - without).abs().max() > 1e-3  # the shared expert is not silent after training-like weights

@@ -88,3 +88,42 @@ def test_the_routing_loss_makes_the_gates_route_by_modality(tmp_path):
         validation = json.loads((tmp_path / f"w{weight}" / "validation.json").read_text())
         figures[weight] = validation["routing"]["specialisation"]
     assert figures[1.0] > 0.3 and figures[1.0] > 5 * figures[0.0], figures  # 0.44 vs 0.00 on this machine
+
+
+def _shared_model(**overrides):
+    from m4oe import create_model
+
+    torch.manual_seed(0)
+    model = create_model("m4oe-convnext-s", modalities=["CT", "MRI"], label_sets={"a": ["background", "liver"]},
+                         img_size=64, depths=(0, 1, 1, 1), shared_expert=True, **overrides)  # fmt: skip
+    with torch.no_grad():  # the shared expert's output is not zero
+        for module in model.modules():
+            if isinstance(module, MoEMLP):
+                module.shared.fc2.weight.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_a_shared_expert_is_counted_saved_and_kept_by_add_modality(tmp_path):
+    from m4oe import load_bundle, save_bundle
+    from m4oe.model.presets import parameter_counts
+    from m4oe.train.add_modality import freeze_old, grow_model
+
+    model = _shared_model()
+    layers = [m for m in model.modules() if isinstance(m, MoEMLP)]
+    assert layers and all(m.shared is not None for m in layers)
+    # by hand: E experts and one shared expert, each C -> H -> C with biases
+    expected = sum((2 + 1) * (2 * m.hidden * m.dim + m.hidden + m.dim) for m in layers)
+    assert parameter_counts(model)["experts"] == expected
+    image, dataset = torch.randn(2, 1, 64, 64), torch.zeros(2, dtype=torch.long)
+    save_bundle(model, tmp_path / "b", extra={})
+    loaded = load_bundle(tmp_path / "b").eval()
+    assert loaded.config.shared_expert
+    with torch.no_grad():
+        assert torch.equal(loaded(image, 1, dataset), model(image, 1, dataset))
+        grown = grow_model(model, "cineMRI", {"b": ["background", "heart"]}, close_to_old=True).eval()
+        for modality in (0, 1):  # the old modalities meet exactly the old weights, shared expert included
+            assert torch.allclose(grown(image, modality, dataset)[:, :2], model(image, modality, dataset), atol=1e-5)
+    shared = {n: p for n, p in grown.named_parameters() if ".shared." in n}
+    assert shared and all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in shared.items())
+    freeze_old(grown, old_classes=2, old_experts=2)
+    assert not any(p.requires_grad for p in shared.values())  # learnt on the old data: frozen with it

@@ -33,6 +33,10 @@ class ModelConfig:
         routing: default expert routing, one of ``soft`` (gate), ``hard`` (own modality's expert)
             or ``uniform`` (mean of experts, the no-gate ablation).
         gate_modality: the gate also sees a learned embedding of the sample's modality.
+        shared_expert: every M4oE layer also has one shared expert, as wide as one modality expert,
+            that every token passes through unweighted beside the gated modality experts (so that
+            what all modalities need is learnt once; DeepSeekMoE's shared experts). Costs one
+            expert's FLOPs and parameters more per layer.
         closed_experts: ``(modality, expert)`` index pairs the soft gate may not route to (their gate
             logit is ``-inf``). ``add-modality --freeze-old`` closes the new expert to the old
             modalities, so that their soft-routed outputs stay those of the old model.
@@ -72,6 +76,7 @@ class ModelConfig:
     moe_decoder: bool = True
     routing: str = "soft"
     gate_modality: bool = False
+    shared_expert: bool = False
     drop_path_rate: float = 0.1
     qkv_bias: bool = True
     closed_experts: tuple[tuple[int, int], ...] = ()

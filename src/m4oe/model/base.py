@@ -63,6 +63,7 @@ class SegmentationModel(nn.Module):
             cfg.gate_modality,
             cfg.closed_experts,
             cfg.matched_experts,
+            cfg.shared_expert,
         )
 
     def label_mask(self) -> Tensor:

@@ -30,6 +30,7 @@ def make_mlp_factory(
     gate_modality: bool,
     closed: tuple[tuple[int, int], ...] = (),
     matched_experts: int = 0,
+    shared_expert: bool = False,
 ):
     """A function ``dim -> nn.Module`` building the MLP of a block (dense or M4oE). Compute-matched
     experts are sized for ``matched_experts`` experts (0: ``num_experts``)."""
@@ -40,6 +41,8 @@ def make_mlp_factory(
             return DenseMLP(dim, hidden)
         if compute_matched:
             hidden = max(1, round(hidden / (matched_experts or num_experts)))
-        return MoEMLP(dim, hidden, num_experts, routing=routing, gate_modality=gate_modality, closed=closed)
+        return MoEMLP(
+            dim, hidden, num_experts, routing=routing, gate_modality=gate_modality, closed=closed, shared=shared_expert
+        )
 
     return make

@@ -11,6 +11,8 @@ Python loop over experts or samples runs in the forward pass:
   ``soft``). A batch mixing modalities (phase-1 pre-training, hard-routed training) is sorted by
   expert and runs two grouped GEMMs (``torch._grouped_mm``): again only each sample's own expert, on
   the devices in ``MoEMLP.grouped_devices``; elsewhere it takes the fused path with one-hot gates.
+
+An optional shared expert (``shared_expert``) is added to the mixture's output in every mode.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class MoEMLP(nn.Module):
         routing: default routing mode (``soft``, ``hard`` or ``uniform``).
         gate_modality: add a learned modality embedding to the gate's input.
         closed: ``(modality, expert)`` pairs the soft gate never routes to (gate logit ``-inf``).
+        shared: add a shared expert (``shared``, a :class:`DenseMLP` of the same hidden width) whose
+            output every token gets unweighted, under every routing mode, beside the gated mixture.
 
     Shapes:
         ``x``: ``[B, L, C]``; ``modality``: ``[B]`` long (expert index of each sample, needed for
@@ -69,6 +73,7 @@ class MoEMLP(nn.Module):
         routing: str = "soft",
         gate_modality: bool = False,
         closed: tuple[tuple[int, int], ...] = (),
+        shared: bool = False,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -82,6 +87,7 @@ class MoEMLP(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
         self.gate = nn.Linear(dim, num_experts)
         self.modality_embed = nn.Embedding(num_experts, dim) if gate_modality else None
+        self.shared = DenseMLP(dim, hidden) if shared else None
         offset = None
         if closed:
             offset = torch.zeros(num_experts, num_experts)
@@ -97,14 +103,18 @@ class MoEMLP(nn.Module):
 
     def reset_parameters(self) -> None:
         # As Swin initialises its dense MLP: truncated normal weights, zero biases.
-        for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
+        pairs = [(self.w1, self.b1), (self.w2, self.b2)]
+        if self.shared is not None:
+            pairs += [(self.shared.fc1.weight, self.shared.fc1.bias), (self.shared.fc2.weight, self.shared.fc2.bias)]
+        for weight, bias in pairs:
             nn.init.trunc_normal_(weight, std=0.02)
             nn.init.zeros_(bias)
         if self.modality_embed is not None:
             nn.init.zeros_(self.modality_embed.weight)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}, routing={self.routing}"
+        shared = ", shared expert" if self.shared is not None else ""
+        return f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}{shared}, routing={self.routing}"
 
     def parameter_roles(self) -> dict[str, str]:
         """What each parameter is, by its name in this module: ``expert`` (stacked over the experts
@@ -136,7 +146,13 @@ class MoEMLP(nn.Module):
         return torch.softmax(logits, dim=-1)
 
     def forward(self, x: Tensor, modality: Tensor | None = None, routing: str | None = None):
-        routing = routing or self.routing
+        out, gates = self._experts(x, modality, routing or self.routing)
+        if self.shared is not None:
+            out = out + self.shared(x)[0]
+        return out, gates
+
+    def _experts(self, x: Tensor, modality: Tensor | int | None, routing: str):
+        """The gated modality experts' output and the gates."""
         if routing == "hard":
             return self._hard(x, modality)
         if routing == "uniform":
@@ -242,3 +258,6 @@ class MoEMLP(nn.Module):
                 f"MLP of hidden {dense_hidden}"
             )
         self.b2.copy_(fc2_bias.expand_as(self.b2))
+        if self.shared is not None:  # starts silent, so that the layer's output is the dense MLP's
+            nn.init.zeros_(self.shared.fc2.weight)
+            nn.init.zeros_(self.shared.fc2.bias)

@@ -51,11 +51,13 @@ def create_model(
 
 
 def parameter_counts(model: SegmentationModel) -> dict[str, int]:
-    """Total, expert, gate and head parameters."""
+    """Total, expert (a shared expert included), gate and head parameters."""
     experts = gates = 0
     for module in model.modules():
         if isinstance(module, MoEMLP):
             experts += sum(p.numel() for p in (module.w1, module.b1, module.w2, module.b2))
+            if module.shared is not None:
+                experts += sum(p.numel() for p in module.shared.parameters())
             gates += sum(p.numel() for p in module.gate.parameters())
             if module.modality_embed is not None:
                 gates += module.modality_embed.weight.numel()
