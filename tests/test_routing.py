@@ -16,7 +16,7 @@ from m4oe import create_model, save_bundle
 from m4oe.config import parse_experiment
 from m4oe.data.loader import SliceCache
 from m4oe.data.prepare import prepare
-from m4oe.eval.routing import routing_figures, routing_report, specialisation
+from m4oe.eval.routing import markdown, routing_figures, routing_report, specialisation
 
 from .conftest import MICRO
 from .data_helpers import make_dataset
@@ -84,7 +84,12 @@ def test_the_report_of_models_with_gates_set_by_hand(cache, tmp_path, by_modalit
     assert set(report["dice"]) == {"soft", "hard", "uniform"} and set(report["dice"]["soft"]) == {"a", "b"}
     if by_modality:  # the gate already sends each modality to its own expert: hard routing is the same model
         assert report["dice"]["hard"] == report["dice"]["soft"]
-    assert model.config.routing == "soft"  # restored
+    assert model.config.routing == "soft" and report["routing"] == "soft"  # restored, and said
+    assert "routes hard" not in markdown(report)
+    model.set_routing("hard")  # a model trained with hard routing (train.routing: hard) is saved so
+    assert "routes hard (it was trained so)" in markdown(routing_report(model, cache, torch.device("cpu"), 8))
+    assert model.config.routing == "hard"
+    model.set_routing("soft")
     extra = {"datasets": {n: {"modality": m, "normalization": {"scheme": "none"}, "label_values": {}}
                           for n, m in (("a", "CT"), ("b", "MRI"))}}  # fmt: skip
     save_bundle(model, tmp_path / "bundle", extra=extra)

@@ -95,6 +95,7 @@ def routing_report(model: SegmentationModel, cache: SliceCache, device: torch.de
         model.set_routing(before)
     report = routing_figures(gates, model.modalities, model.gate_names())
     report["dice"] = dice
+    report["routing"] = before  # the model's own mode: what predict uses unless told otherwise
     report["datasets"] = known
     report["split"] = split
     return report
@@ -106,6 +107,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["| routing | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]
     for routing, values in report["dice"].items():
         lines.append(f"| {routing} | " + " | ".join(f"{values.get(d, float('nan')):.3f}" for d in datasets) + " |")
+    if report.get("routing") == "hard":
+        lines += ["", "This model routes hard (it was trained so): each modality through its own expert alone, "
+                  "modality experts by construction. The gate figures below describe its unused gate."]  # fmt: skip
+    elif report.get("routing") == "uniform":
+        lines += ["", "This model mixes its experts uniformly (it was trained so); its gate is unused."]
     if report.get("blocks"):
         experts, modalities = report["experts"], report["modalities"]
         lines += ["", f"Specialisation {report['specialisation']:.3f} (0: every modality gets the same mixture, 1: "
