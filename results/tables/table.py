@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 DATASETS = ("BTCV", "CHAOS", "ACDC")
 TABLES = {
     "Table 2 analogue: M4oE against its dense twin, one model per modality, and without phase 1": [
-        "m4oe", "shared", "route", "hard", "dense", "per_modality", "no_phase1"],
+        "m4oe", "shared", "route", "route_2threads", "hard", "dense", "per_modality", "no_phase1"],
     "Table 4 analogue (no phase 1 in every row): where the experts are, and the gate": [
         "no_phase1", "enc_only", "dec_only", "uniform"],
 }  # fmt: skip
