@@ -36,6 +36,7 @@ for mode in freeze-old full; do
 done
 for run in ct_mri add_freeze_old add_full; do
   keep=results/tables/${run}_seed$SEED; mkdir -p "$keep"
-  cp "$RUNS/${run}_seed$SEED/metrics.csv" "$RUNS/${run}_seed$SEED/done" "$keep/"
+  cp "$RUNS/${run}_seed$SEED/metrics.csv" "$keep/"
+  cp "$RUNS/${run}_seed$SEED/done" "$keep/wall_seconds"
   if [ -f "$RUNS/${run}_seed$SEED/added.json" ]; then cp "$RUNS/${run}_seed$SEED/added.json" "$keep/"; fi
 done

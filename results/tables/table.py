@@ -23,21 +23,19 @@ TABLES = {
 }  # fmt: skip
 
 
-def fastest_epoch(folder: Path) -> float | None:
-    """Training slices/s of the fastest epoch (runs shared the machine; the fastest is the least disturbed)."""
-    speeds = [float(r["slices_per_s"]) for path in folder.glob("**/metrics.csv") for r in csv.DictReader(path.open())]
-    return max(speeds) if speeds else None
-
-
-def last_validation(folder: Path) -> dict[str, float]:
-    """Dice per dataset at the last validation (per-modality runs: each sub-run's own datasets)."""
-    dice = {}
+def read_metrics(folder: Path) -> tuple[dict[str, float], float | None]:
+    """From every metrics.csv under ``folder`` (per-modality runs: one per sub-run), read once: the Dice per
+    dataset at the last validation, and the training slices/s of the fastest epoch (runs shared the machine;
+    the fastest is the least disturbed)."""
+    dice, speeds = {}, []
     for path in sorted(folder.glob("**/metrics.csv")):
-        rows = [r for r in csv.DictReader(path.open()) if r.get("val_dice")]
+        rows = list(csv.DictReader(path.open()))
+        speeds += [float(r["slices_per_s"]) for r in rows]
+        validated = [r for r in rows if r.get("val_dice")]
         for d in DATASETS:
-            if rows and rows[-1].get(f"val_dice_{d}"):
-                dice[d] = float(rows[-1][f"val_dice_{d}"])
-    return dice
+            if validated and validated[-1].get(f"val_dice_{d}"):
+                dice[d] = float(validated[-1][f"val_dice_{d}"])
+    return dice, max(speeds) if speeds else None
 
 
 def runs() -> dict[str, list[dict]]:
@@ -46,10 +44,8 @@ def runs() -> dict[str, list[dict]]:
         match = re.fullmatch(r"(\w+)_seed(\d+)", folder.name)
         if not match or not folder.is_dir():
             continue
-        run = {"seed": int(match[2]), "dice": last_validation(folder), "speed": fastest_epoch(folder)}
-        for name in ("wall_seconds", "done"):
-            if (folder / name).is_file():
-                run["wall"] = float((folder / name).read_text())
+        dice, speed = read_metrics(folder)
+        run = {"seed": int(match[2]), "dice": dice, "speed": speed}
         if (folder / "added.json").is_file():
             run["added"] = json.loads((folder / "added.json").read_text())["total"]
         if (folder / "routing.json").is_file():
