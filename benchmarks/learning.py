@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=4, help="validations along training")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--datasets", nargs="*", help="restrict to these dataset names")
-    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                         help="m4oe train --set words shared by every variant, e.g. train.lr=0.01")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ood", type=Path, metavar="DATA", help="score each model on DATA/samples/totalsegmentator")

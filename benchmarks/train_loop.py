@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument(
         "--set",
-        nargs="*",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="model.KEY=VALUE",
         help="model config overrides as m4oe train --set words (e.g. model.depths=[1,1,2,2,2])",

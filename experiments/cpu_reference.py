@@ -1,4 +1,4 @@
-"""Train the CPU reference model and write its report: one M4oE model (modality experts + gate) for
+"""Train the CPU reference model and write its report: one M4oE model (a modality expert per modality) for
 BTCV CT, CHAOS T2 MRI and ACDC cine MRI, in at most an hour on two CPU cores.
 
     python experiments/cpu_reference.py --out runs/cpu_ref                 # the recipe: an hour on this machine
@@ -183,7 +183,8 @@ def main() -> None:
     parser.add_argument("--points", type=int, help="validations along phase 2 (the recipe's train.epochs)")
     parser.add_argument(
         "--set",
-        nargs="*",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="change the recipe (configs/cpu_reference.yaml) as m4oe train --set does, e.g. train.augment=false "

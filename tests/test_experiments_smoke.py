@@ -88,6 +88,7 @@ def test_cpu_reference_is_the_recipes_hour_unless_slices_are_given(tmp_path):
     shipped = module.experiment(_args(tmp_path)).training  # the recipe as m4oe pretrain / train read it
     assert (shipped.minutes, shipped.epochs, shipped.pretrain_samples_per_epoch, shipped.pretrain_epochs) == (
         60, 5, 5600, 1)  # fmt: skip
+    assert shipped.routing == "hard"  # modality experts by construction (docs/results.md, section 1)
     assert module.experiment(_args(tmp_path, minutes=30.0)).training.minutes == 30.0
     fixed = module.experiment(_args(tmp_path, slices=56000, points=7)).training
     assert (fixed.minutes, fixed.samples_per_epoch, fixed.epochs) == (None, 8000, 7)
@@ -121,3 +122,13 @@ def test_cpu_reference_refuses_minutes_that_are_not_positive(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and "train.minutes must be a positive number" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_cpu_reference_keeps_every_repeated_set_word(tmp_path):
+    # `--set A --set B` as m4oe train takes it: both words count (a second --set once dropped the first)
+    script = ROOT / "experiments" / "cpu_reference.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "run"), "--data", str(tmp_path),
+                           "--set", "train.augmnt=false", "--set", "train.lr=0.01"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "unknown keys ['augmnt']" in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -87,7 +87,9 @@ def test_the_report_of_models_with_gates_set_by_hand(cache, tmp_path, by_modalit
     assert model.config.routing == "soft" and report["routing"] == "soft"  # restored, and said
     assert "routes hard" not in markdown(report)
     model.set_routing("hard")  # a model trained with hard routing (train.routing: hard) is saved so
-    assert "routes hard (it was trained so)" in markdown(routing_report(model, cache, torch.device("cpu"), 8))
+    said = markdown(routing_report(model, cache, torch.device("cpu"), 8))
+    assert "routes hard (it was trained so)" in said and "its specialisation is 1" in said
+    assert f"Its unused gate: specialisation {report['specialisation']:.3f}" in said  # the same gates, named unused
     assert model.config.routing == "hard"
     model.set_routing("soft")
     extra = {"datasets": {n: {"modality": m, "normalization": {"scheme": "none"}, "label_values": {}}

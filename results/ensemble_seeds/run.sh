@@ -1,9 +1,10 @@
 #!/bin/bash
 # Issue #31: the ensemble of the reference model's two seeds against each seed alone, on the validation
 # cases of the recipe's cache, in their own files (m4oe predict + m4oe evaluate, defaults otherwise).
-#   bash results/ensemble_seeds/run.sh BUNDLE_SEED0 BUNDLE_SEED1 CACHE WORK   (WORK: outside the repository)
+#   bash results/ensemble_seeds/run.sh BUNDLE_SEED0 BUNDLE_SEED1 CACHE WORK [TABLE]   (WORK: outside the repository)
+# TABLE: the markdown table to write (default results/ensemble_seeds/ensemble_vs_seeds.md)
 set -e
-A=$1; B=$2; CACHE=$3; WORK=$4
+A=$1; B=$2; CACHE=$3; WORK=$4; TABLE=${5:-results/ensemble_seeds/ensemble_vs_seeds.md}
 cd "$(dirname "$0")/../.."
 python3 results/link_validation_cases.py "$CACHE" "$WORK"
 for name in BTCV CHAOS ACDC; do
@@ -17,7 +18,7 @@ for name in BTCV CHAOS ACDC; do
     m4oe evaluate --gt "$WORK/$name/labels" --pred "$out" --labels "$root/dataset.json" -o "$out/summary.json" > /dev/null
   done
 done
-python3 - "$WORK" <<'PY' | tee results/ensemble_seeds/ensemble_vs_seeds.md
+python3 - "$WORK" <<'PY' | tee "$TABLE"
 import json, sys
 from pathlib import Path
 work = Path(sys.argv[1])

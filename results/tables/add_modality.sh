@@ -2,8 +2,8 @@
 # Issue #29, the paper's Table 3 analogue: a CT + MRI model (BTCV + CHAOS: phase 1 on its two modalities, then
 # phase 2 for 28,000 slices of configs/cpu_reference.yaml without ACDC) given cine MRI (ACDC) with
 # `m4oe add-modality` for 9,335 slices (5 x 1,867, ACDC's third of a joint run), with the old experts frozen
-# (--freeze-old) or everything fine-tuned with BTCV and CHAOS replayed (--full). The joint model trained on all
-# three from the start is results/tables/run.sh's m4oe row.
+# (--freeze-old) or everything fine-tuned with BTCV and CHAOS replayed (--full), all with the recipe's routing
+# (hard since session 20). The joint model trained on all three from the start is results/tables/run.sh's hard row.
 # Usage: bash results/tables/add_modality.sh SEED CACHE RUNS   (CACHE: the reference cache, all three datasets)
 set -e
 SEED=$1; CACHE=$2; RUNS=$3

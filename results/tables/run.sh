@@ -5,28 +5,33 @@
 # Usage: bash results/tables/run.sh ROW SEED PRETRAIN CACHE RUNS
 #   PRETRAIN: the phase-1 run of that seed (m4oe pretrain configs/cpu_reference.yaml --set train.seed=SEED)
 #   RUNS: a folder outside the repository; small files are copied to results/tables/ROW_seedSEED/
-# Rows: m4oe (the recipe), route (train.route_weight=0.1), no_phase1, dense (its dense twin, convnext-unet-s),
+# Rows: m4oe (the recipe with its learnt gate, as it was until session 20), route (train.route_weight=0.1),
+#       no_phase1, dense (its dense twin, convnext-unet-s),
 #       shared (model.shared_expert=true, with its own phase 1 in RUNS/pretrain_shared_seedSEED),
-#       hard (trained with each sample through its own modality's expert only: modality experts by construction),
+#       hard (trained with each sample through its own modality's expert only: modality experts by construction,
+#       the recipe since session 20), hard_no_phase1 (the same without phase 1),
 #       per_modality (one dense model per modality, 28,000 slices in all), enc_only / dec_only (experts in one half;
 #       no phase 1, against no_phase1), uniform (mean of experts, no gate; no phase 1).
+# Each row names its routing, so a row means the same whatever the recipe's default is.
 set -e
 ROW=$1; SEED=$2; PRETRAIN=$3; CACHE=$4; RUNS=$5
 cd "$(dirname "$0")/../.."
 init=(--init "$PRETRAIN"); per_epoch=5600; routing=yes
+gate=(--set train.routing=soft)
 case $ROW in
-  m4oe) words=() ;;
-  route) words=(--set train.route_weight=0.1) ;;
+  m4oe) words=("${gate[@]}") ;;
+  route) words=("${gate[@]}" --set train.route_weight=0.1) ;;
   hard) words=(--set train.routing=hard) ;;
-  shared) words=(--set model.shared_expert=true); init=(--init "$RUNS/pretrain_shared_seed$SEED")
+  hard_no_phase1) words=(--set train.routing=hard); init=() ;;
+  shared) words=("${gate[@]}" --set model.shared_expert=true); init=(--init "$RUNS/pretrain_shared_seed$SEED")
           [ -d "$RUNS/pretrain_shared_seed$SEED/last" ] || m4oe pretrain configs/cpu_reference.yaml \
               -o "$RUNS/pretrain_shared_seed$SEED" --cache "$CACHE" --set train.seed="$SEED" "${words[@]}" ;;
-  no_phase1) words=(); init=() ;;
+  no_phase1) words=("${gate[@]}"); init=() ;;
   dense) words=(--set model.preset=convnext-unet-s); init=(); routing=no ;;
   per_modality) words=(--set model.preset=convnext-unet-s --set train.baseline=per_modality); init=(); routing=no
                 per_epoch=1867 ;;  # x 3 modalities x 5 epochs = 28,005 slices
-  enc_only) words=(--set model.moe_decoder=false); init=() ;;
-  dec_only) words=(--set model.moe_encoder=false); init=() ;;
+  enc_only) words=("${gate[@]}" --set model.moe_decoder=false); init=() ;;
+  dec_only) words=("${gate[@]}" --set model.moe_encoder=false); init=() ;;
   uniform) words=(--set train.routing=uniform); init=(); routing=no ;;
   *) echo "unknown row $ROW"; exit 2 ;;
 esac

@@ -107,14 +107,17 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["| routing | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]
     for routing, values in report["dice"].items():
         lines.append(f"| {routing} | " + " | ".join(f"{values.get(d, float('nan')):.3f}" for d in datasets) + " |")
+    unused = report.get("routing") in ("hard", "uniform")
     if report.get("routing") == "hard":
-        lines += ["", "This model routes hard (it was trained so): each modality through its own expert alone, "
-                  "modality experts by construction. The gate figures below describe its unused gate."]  # fmt: skip
+        lines += ["", "This model routes hard (it was trained so): each modality through its own expert alone, so "
+                  "its specialisation is 1, modality experts by construction. The gate figures below describe "
+                  "its unused gate."]  # fmt: skip
     elif report.get("routing") == "uniform":
         lines += ["", "This model mixes its experts uniformly (it was trained so); its gate is unused."]
     if report.get("blocks"):
         experts, modalities = report["experts"], report["modalities"]
-        lines += ["", f"Specialisation {report['specialisation']:.3f} (0: every modality gets the same mixture, 1: "
+        lines += ["", ("Its unused gate: specialisation " if unused else "Specialisation ")
+                  + f"{report['specialisation']:.3f} (0: every modality gets the same mixture, 1: "
                   f"each modality its own expert only); own-expert weight {report['own_expert_weight']:.3f} "
                   f"(uniform: {1 / len(experts):.3f}).", "",
                   "| block | specialisation | own expert | " + " | ".join(f"{m} -> ({', '.join(experts)})"
