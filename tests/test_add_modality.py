@@ -11,7 +11,7 @@ import torch
 from m4oe import create_model, load_bundle, save_bundle
 from m4oe.config import parse_experiment
 from m4oe.infer.predict import Predictor
-from m4oe.train.add_modality import grow_model, run_add_modality
+from m4oe.train.add_modality import closest_pathway, grow_model, run_add_modality
 
 from .conftest import MICRO
 from .data_helpers import make_dataset
@@ -179,3 +179,59 @@ def test_pretrain_option_trains_only_the_new_expert_first(tmp_path):
     assert torch.equal(new[name][:2], old[name])  # old experts untouched by both phases
     assert not any(torch.equal(new[name][2], old[name][e]) for e in range(2))  # the new one learnt
     assert torch.equal(new["encoder.0.blocks.0.attn.qkv.weight"], old["encoder.0.blocks.0.attn.qkv.weight"])
+
+
+def _reference_distance(model, own, new, m):
+    """The standardised mean difference of the head's input features, computed from the model's parts."""
+
+    def features(images):
+        x, skips = model.encode(images, m, "hard", None)
+        return model.decode(x, skips, m, "hard", None).double().numpy()
+
+    a, b = features(own), features(new)
+    total = 0.0
+    for c in range(a.shape[1]):  # channel by channel
+        total += abs(b[:, c].mean() - a[:, c].mean()) / (a[:, c].std(ddof=1) + 1e-6)
+    return total / a.shape[1]
+
+
+def test_closest_pathway_picks_the_modality_whose_own_data_the_new_data_matches():
+    model = old_model().eval()
+    torch.manual_seed(3)
+    ct, mri = torch.randn(6, 1, 64, 64), torch.randn(6, 1, 64, 64) * 0.3 + 1.0
+    new = mri + 0.01 * torch.randn_like(mri)  # the new modality looks like MRI
+    best, distances = closest_pathway(model, new, {0: ct, 1: mri})
+    assert best == 1 and distances["MRI"] < distances["CT"]
+    with torch.no_grad():
+        for m, name in enumerate(["CT", "MRI"]):
+            own = (ct, mri)[m]
+            assert distances[name] == pytest.approx(_reference_distance(model, own, new, m), rel=1e-3, abs=1e-4)
+
+
+def test_hard_trained_model_copies_one_whole_pathway(tmp_path):
+    old = old_model()
+    old.set_routing("hard")
+    save_bundle(old, tmp_path / "old", extra=OLD_EXTRA)
+    mr = make_dataset(tmp_path / "mr", n=2, modality="MRI", labels={"background": 0, "liver": 1, "spleen": 2})
+    heart = make_dataset(tmp_path / "heart", n=2, modality="cineMRI",
+                         labels={"background": 0, "liver": 1, "myocardium": 2})  # fmt: skip
+    experiment = parse_experiment(
+        {
+            "datasets": [{"path": str(mr), "name": "mr", "normalization": "none", "split": {"val": []}},
+                         {"path": str(heart), "name": "heart", "normalization": "none", "split": {"val": []}}],
+            "train": {"epochs": 1, "batch_size": 4, "samples_per_epoch": 4, "workers": 0, "val_every": 0,
+                      "lr": 1e-9},
+        }
+    )  # fmt: skip
+    run_add_modality(tmp_path / "old", experiment, tmp_path / "run", tmp_path / "cache", "freeze_old",
+                     progress=False)  # fmt: skip
+    record = json.loads((tmp_path / "run" / "added.json").read_text())["new_expert_from"]
+    assert record["rule"] == "the closest old pathway" and record["modality"] == "MRI"
+    assert set(record["distances"]) == {"MRI"}  # only MRI's own data is in the config
+    new = dict(load_bundle(tmp_path / "run" / "last").named_parameters())
+    experts = {k: v for k, v in old.named_parameters() if k.endswith("mlp.w1")}
+    assert len(experts) > 1
+    for name, value in experts.items():
+        # MRI's expert in every layer (lr 1e-9: still as copied), not CT's
+        assert torch.allclose(new[name][2], value[1], atol=1e-6), name
+        assert not torch.allclose(new[name][2], value[0], atol=1e-3), name

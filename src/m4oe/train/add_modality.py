@@ -2,8 +2,11 @@
 
 Every M4oE layer gets one more expert and every gate one more output; the head gets rows for the new
 dataset's labels that the vocabulary does not have yet (labels of the same name are reused). The new
-expert starts as a copy, per layer, of the old expert that the gate favours most on the new data (or,
-with ``pretrain``, from a phase-1 MAE pre-training of the new expert alone on the new data).
+expert starts as a copy of old experts (or, with ``pretrain``, from a phase-1 MAE pre-training of the new
+expert alone on the new data): for a model that routes by its gate, per layer the old expert the gate
+favours most on the new data; for a model trained with hard routing, whose gate never learnt, one old
+modality's whole pathway (its expert in every layer, which were trained together), the modality whose
+pathway gives the new images features closest to those of its own images (``closest_pathway``).
 
 Two ways to train it:
 
@@ -20,6 +23,7 @@ Two ways to train it:
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -105,6 +109,68 @@ def favoured_experts(old: SegmentationModel, images: Tensor) -> list[int]:
         means = [g.float().mean(dim=(0, 1)) for g in gates]
         total = means if total is None else [t + g for t, g in zip(total, means, strict=True)]
     return [int(t.argmax()) for t in total]
+
+
+@torch.no_grad()
+def closest_pathway(
+    old: SegmentationModel, new_images: Tensor, own_images: dict[int, Tensor]
+) -> tuple[int, dict[str, float]]:
+    """The old modality whose hard-routed pathway sees ``new_images`` most like its own data.
+
+    For each old modality ``m`` with images in ``own_images``, both sets of images go through ``m``'s
+    experts (hard routing) to the head's input; the distance is the mean over channels of
+    ``|mean_new - mean_own| / std_own`` (a standardised mean difference). Returns the closest
+    modality's index and every distance by modality name.
+    """
+    old.eval()
+    distances = {}
+    for m, images in own_images.items():
+        own, new = _head_features(old, images, m), _head_features(old, new_images, m)
+        spread = own.std(dim=(0, 2, 3)) + 1e-6
+        distances[m] = float(((new.mean(dim=(0, 2, 3)) - own.mean(dim=(0, 2, 3))).abs() / spread).mean())
+    best = min(distances, key=distances.__getitem__)
+    return best, {old.modalities[m]: round(d, 4) for m, d in distances.items()}
+
+
+def _head_features(model: SegmentationModel, images: Tensor, modality: int) -> Tensor:
+    captured: list[Tensor] = []
+    handle = model.head.register_forward_pre_hook(lambda module, args: captured.append(args[0].float()))
+    try:
+        model(images, modality, None, routing="hard")
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def source_experts(
+    old: SegmentationModel, cache: SliceCache, train_new: np.ndarray, new_slices: np.ndarray
+) -> tuple[list[int], dict[str, Any]]:
+    """Per M4oE layer, the old expert the new one starts from, and how it was chosen (for ``added.json``)."""
+    context = old.config.slice_context
+    new_images = torch.from_numpy(cache.read_context(_spread(train_new), context)[0])
+    layers = len(_gated_layers(old))
+    if old.config.routing != "hard":
+        return favoured_experts(old, new_images), {"rule": "the gate's favourite per layer"}
+    own = {}
+    for m, name in enumerate(old.modalities):
+        if name in cache.modalities:
+            of_m = cache.index["modality"] == cache.modalities.index(name)
+            slices = np.flatnonzero(cache.slice_mask("train") & of_m & ~new_slices)
+            if len(slices):
+                own[m] = torch.from_numpy(cache.read_context(_spread(slices), context)[0])
+    if not own:
+        print("warning: the model routes hard and the config lists none of its old datasets, so the new expert "
+              "starts from the experts its untrained gate favours; list an old dataset in the config or use "
+              "--pretrain", file=sys.stderr)  # fmt: skip
+        return favoured_experts(old, new_images), {"rule": "the untrained gate's favourite per layer"}
+    best, distances = closest_pathway(old, new_images, own)
+    record = {"rule": "the closest old pathway", "modality": old.modalities[best], "distances": distances}
+    return [best] * layers, record
+
+
+def _spread(slices: np.ndarray, count: int = 32) -> np.ndarray:
+    """Up to ``count`` slices spread evenly over ``slices``."""
+    return slices[np.linspace(0, len(slices) - 1, min(count, len(slices))).astype(int)]
 
 
 @torch.no_grad()
@@ -210,10 +276,10 @@ def run_add_modality(
     train_new = np.flatnonzero(cache.slice_mask("train") & new_slices)
     if pretrain:
         _pretrain_new_expert(model, experiment, cache, out / "pretrain", runtime, progress)
+        initialised = {"rule": "MAE pre-training of the new expert"}
     else:
-        sample = train_new[np.linspace(0, len(train_new) - 1, min(32, len(train_new))).astype(int)]
-        images = torch.from_numpy(cache.read_context(sample, old.config.slice_context)[0])
-        init_new_expert(model, favoured_experts(old, images))
+        chosen, initialised = source_experts(old, cache, train_new, new_slices)
+        init_new_expert(model, chosen)
     no_decay = freeze_old(model, len(old.class_names), len(old.modalities))[0] if mode == "freeze_old" else []
     task = AddModalityTask.from_config(model, cache, config, runtime.device, no_decay=no_decay)
     info = BundleInfo.of(old)
@@ -224,7 +290,8 @@ def run_add_modality(
     if runtime.main:
         write_run_config(out, experiment, {"phase": "add-modality", "base_model": str(bundle), "mode": mode,
                                            "new_modality": modality, "parameters_added": added})  # fmt: skip
-        write_json(out / "added.json", {"modality": modality, "datasets": new_datasets, **added})
+        write_json(out / "added.json", {"modality": modality, "datasets": new_datasets, **added,
+                                        "new_expert_from": initialised})  # fmt: skip
     config_slices = cache.dataset_mask(in_config)
     in_run = new_slices if mode == "freeze_old" else config_slices
     sampler_mask = cache.slice_mask("train") & in_run & cache.index["labeled"]
