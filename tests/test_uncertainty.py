@@ -109,3 +109,16 @@ def test_a_real_mixture_of_experts_model_gives_both_maps_and_keeps_its_labels(tm
     assert model.config.routing == "soft"  # and the model is left as it was
     spread = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "maps" / "case_disagreement.nii.gz")))
     assert spread.max() > 0  # two random experts disagree somewhere
+
+
+def test_a_hard_trained_model_gives_the_entropy_alone(tmp_path):
+    from m4oe import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny", modalities=["CT", "MRI"], label_sets={"phantom": LABELS}, **MICRO)
+    model.set_routing("hard")  # as the reference recipe trains it
+    model.bundle_extra = EXTRA
+    path = write_image(tmp_path / "in" / "case_0000.nii.gz", l_shape(shape=(3, 40, 30)))
+    predict_paths(Predictor(model), [path], tmp_path / "maps", dataset="phantom", progress=False, uncertainty=True)
+    assert (tmp_path / "maps" / "case_entropy.nii.gz").is_file()
+    assert not (tmp_path / "maps" / "case_disagreement.nii.gz").exists()

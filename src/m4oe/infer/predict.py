@@ -308,7 +308,7 @@ class Predictor:
     ) -> Prediction:  # fmt: skip
         """Segment ``volume`` for the request; with ``probabilities`` keep the softmax, with
         ``uncertainty`` the maps of :mod:`m4oe.infer.uncertainty`."""
-        from .uncertainty import UncertaintyMaps, expert_views, has_experts
+        from .uncertainty import UncertaintyMaps, expert_views, has_expert_views
 
         request = self.resolve(dataset, modality)
         name = dataset or (self.model.modalities[request.modality] if request.modality is not None else "the model")
@@ -328,7 +328,7 @@ class Predictor:
         probs_out = np.zeros((len(class_index), *volume.array.shape), np.float16) if probabilities else None
         gate_sum, gate_count = None, 0
         averaged = engine.averaged  # probabilities averaged over views, not logits
-        with_views = uncertainty and engine is self.engine and has_experts(self.model)
+        with_views = uncertainty and engine is self.engine and has_expert_views(self.model)
         maps = UncertaintyMaps(volume.array.shape, with_views) if uncertainty else None
         views = expert_views(self.model, engine, slices, request.slices) if with_views else None
         for part in engine.batches(slices, request.slices):

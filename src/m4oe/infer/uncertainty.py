@@ -2,9 +2,11 @@
 softmax (its own test-time views averaged), and the disagreement between views of the same voxel,
 the mutual information ``H(mean of views) - mean of H(view)`` (both divided by ``log C``, so 0 to 1).
 
-The views are the ensemble's members with several models; with one mixture-of-experts model, each
-modality's expert alone (hard routing), one more pass over the slices per expert. A dense model, or
-the ONNX engine, gives the entropy alone. Per structure, the statistics add the mean of each map
+The views are the ensemble's members with several models; with one mixture-of-experts model that
+routes by its gate, each modality's expert alone (hard routing), one more pass over the slices per
+expert. A dense model, a model trained with hard or uniform routing, or the ONNX engine gives the
+entropy alone: a hard-trained model's other pathways never saw this modality, so they disagree with
+its own everywhere and the map would say nothing about this scan. Per structure, the statistics add the mean of each map
 inside it: a structure to review has a high one.
 """
 
@@ -51,8 +53,10 @@ class UncertaintyMaps:
             self.maps["disagreement"][start:stop] = disagreement(views).cpu().numpy()
 
 
-def has_experts(model) -> bool:
-    return callable(getattr(model, "gate_names", None)) and bool(model.gate_names()) and len(model.modalities) > 1
+def has_expert_views(model) -> bool:
+    """Whether the model's experts alone are views of its prediction: several, mixed by its gate."""
+    gated = callable(getattr(model, "gate_names", None)) and bool(model.gate_names())
+    return gated and len(model.modalities) > 1 and model.config.routing == "soft"
 
 
 def expert_views(model, engine: SliceEngine, slices: Tensor, request: SliceRequest) -> Iterator[list[SliceBatch]]:
