@@ -2,7 +2,8 @@
 
 Per row: the last validation's mean Dice per dataset (the mean of the seeds, with the spread max - min),
 the mean over the three datasets, and for M4oE rows the routing report: specialisation, and hard
-routing's Dice minus soft routing's per dataset (the cost of the fast path). Writes tables.md beside it.
+routing's Dice minus soft routing's per dataset (the cost of the fast path); Table 3 also gives each seed's
+wall minutes (of the addition alone for the add rows). Writes tables.md beside it.
 Usage: python results/tables/table.py
 """
 
@@ -46,6 +47,8 @@ def runs() -> dict[str, list[dict]]:
             continue
         dice, speed = read_metrics(folder)
         run = {"seed": int(match[2]), "dice": dice, "speed": speed}
+        if (folder / "wall_seconds").is_file():
+            run["minutes"] = int((folder / "wall_seconds").read_text()) / 60
         if (folder / "added.json").is_file():
             run["added"] = json.loads((folder / "added.json").read_text())["total"]
         if (folder / "routing.json").is_file():
@@ -85,13 +88,15 @@ def main() -> None:
         lines += ["| " + " | ".join(row_cells(n, found[n])) + " |" for n in names if n in found]
         lines.append("")
     lines += ["### Table 3 analogue: a CT + MRI model (BTCV + CHAOS) given cine MRI (ACDC) by add-modality",
-              "", "| row | seeds | " + " | ".join(DATASETS) + " | parameters added | slices/s |",
-              "|---|---|" + "---:|" * 3 + "---:|---:|"]  # fmt: skip
+              "", "| row | seeds | " + " | ".join(DATASETS) + " | parameters added | minutes | slices/s |",
+              "|---|---|" + "---:|" * 3 + "---:|---:|---:|"]  # fmt: skip
     for name in ("ct_mri", "add_freeze_old", "add_full", "hard"):  # hard: the recipe's joint model
         if name in found:
             cells = row_cells(name, found[name])
             added = {s.get("added") for s in found[name]} - {None}
-            lines.append("| " + " | ".join([*cells[:5], f"{added.pop():,}" if added else "", cells[-1]]) + " |")
+            minutes = " / ".join(f"{s['minutes']:.1f}" for s in found[name] if "minutes" in s)
+            cells = [*cells[:5], f"{added.pop():,}" if added else "", minutes, cells[-1]]
+            lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     (HERE / "tables.md").write_text("\n".join(lines))
     print("\n".join(lines))
