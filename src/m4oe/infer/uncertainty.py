@@ -6,8 +6,8 @@ The views are the ensemble's members with several models; with one mixture-of-ex
 routes by its gate, each modality's expert alone (hard routing), one more pass over the slices per
 expert. A dense model, a model trained with hard or uniform routing, or the ONNX engine gives the
 entropy alone: a hard-trained model's other pathways never saw this modality, so they disagree with
-its own everywhere and the map would say nothing about this scan. Per structure, the statistics add the mean of each map
-inside it: a structure to review has a high one.
+its own everywhere and the map would say nothing about this scan. Per structure, the statistics add
+the mean of each map inside it: a structure to review has a high one.
 """
 
 from __future__ import annotations

@@ -143,21 +143,19 @@ def _head_features(model: SegmentationModel, images: Tensor, modality: int) -> T
 
 
 def source_experts(
-    old: SegmentationModel, cache: SliceCache, train_new: np.ndarray, new_slices: np.ndarray
+    old: SegmentationModel, cache: SliceCache, new_slices: np.ndarray
 ) -> tuple[list[int], dict[str, Any]]:
     """Per M4oE layer, the old expert the new one starts from, and how it was chosen (for ``added.json``)."""
-    context = old.config.slice_context
-    new_images = torch.from_numpy(cache.read_context(_spread(train_new), context)[0])
-    layers = len(_gated_layers(old))
+    train = cache.slice_mask("train")
+    new_images = _sample_images(old, cache, train & new_slices)
     if old.config.routing != "hard":
         return favoured_experts(old, new_images), {"rule": "the gate's favourite per layer"}
     own = {}
     for m, name in enumerate(old.modalities):
         if name in cache.modalities:
-            of_m = cache.index["modality"] == cache.modalities.index(name)
-            slices = np.flatnonzero(cache.slice_mask("train") & of_m & ~new_slices)
-            if len(slices):
-                own[m] = torch.from_numpy(cache.read_context(_spread(slices), context)[0])
+            of_m = train & (cache.index["modality"] == cache.modalities.index(name)) & ~new_slices
+            if of_m.any():
+                own[m] = _sample_images(old, cache, of_m)
     if not own:
         print("warning: the model routes hard and the config lists none of its old datasets, so the new expert "
               "starts from the experts its untrained gate favours; list an old dataset in the config or use "
@@ -165,12 +163,14 @@ def source_experts(
         return favoured_experts(old, new_images), {"rule": "the untrained gate's favourite per layer"}
     best, distances = closest_pathway(old, new_images, own)
     record = {"rule": "the closest old pathway", "modality": old.modalities[best], "distances": distances}
-    return [best] * layers, record
+    return [best] * len(_gated_layers(old)), record
 
 
-def _spread(slices: np.ndarray, count: int = 32) -> np.ndarray:
-    """Up to ``count`` slices spread evenly over ``slices``."""
-    return slices[np.linspace(0, len(slices) - 1, min(count, len(slices))).astype(int)]
+def _sample_images(old: SegmentationModel, cache: SliceCache, mask: np.ndarray, count: int = 32) -> Tensor:
+    """Up to ``count`` slices of ``mask`` spread evenly over it, with the model's slice context."""
+    slices = np.flatnonzero(mask)
+    chosen = slices[np.linspace(0, len(slices) - 1, min(count, len(slices))).astype(int)]
+    return torch.from_numpy(cache.read_context(chosen, old.config.slice_context)[0])
 
 
 @torch.no_grad()
@@ -273,12 +273,11 @@ def run_add_modality(
     config = experiment.training
     torch.manual_seed(config.seed)
     new_slices = cache.dataset_mask(new_datasets)
-    train_new = np.flatnonzero(cache.slice_mask("train") & new_slices)
     if pretrain:
         _pretrain_new_expert(model, experiment, cache, out / "pretrain", runtime, progress)
         initialised = {"rule": "MAE pre-training of the new expert"}
     else:
-        chosen, initialised = source_experts(old, cache, train_new, new_slices)
+        chosen, initialised = source_experts(old, cache, new_slices)
         init_new_expert(model, chosen)
     no_decay = freeze_old(model, len(old.class_names), len(old.modalities))[0] if mode == "freeze_old" else []
     task = AddModalityTask.from_config(model, cache, config, runtime.device, no_decay=no_decay)
