@@ -26,6 +26,13 @@ def _root() -> None:
     keep_freed_memory()  # CPU forwards stop paying a page fault per 4 KiB of activations
 
 
+def overrides_option() -> list[str]:
+    """The ``--set SECTION.KEY=VALUE`` option of every command that reads an experiment YAML."""
+    return typer.Option(
+        None, "--set", help="Change a config value, SECTION.KEY=VALUE (YAML value); repeat it: --set train.lr=0.01"
+    )
+
+
 def split_words(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 

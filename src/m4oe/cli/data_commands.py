@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .base import app, console, split_words, tagged
+from .base import app, console, overrides_option, split_words, tagged
 
 
 @app.command()
@@ -50,9 +50,7 @@ def prepare(
     storage: str = typer.Option("float16", help="float16, or uint8 (4x smaller than float32, per-slice affine)."),
     workers: int = typer.Option(2, help="Worker processes."),
     force: bool = typer.Option(False, help="Rebuild even if the cache is up to date."),
-    overrides: list[str] = typer.Option(
-        None, "--set", help="Change a config value, SECTION.KEY=VALUE (YAML value); repeat it: --set train.lr=0.01"
-    ),
+    overrides: list[str] = overrides_option(),
 ) -> None:
     """Check datasets (all problems listed at once) and write the slice cache."""
     from ..config import ConfigError, load_experiment

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .base import app, console, fail, load_config
+from .base import app, console, fail, load_config, overrides_option
 
 
 @app.command()
@@ -17,9 +17,7 @@ def pretrain(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     epochs: int = typer.Option(None, help="Override train.pretrain_epochs."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
-    overrides: list[str] = typer.Option(
-        None, "--set", help="Change a config value, SECTION.KEY=VALUE (YAML value); repeat it: --set train.lr=0.01"
-    ),
+    overrides: list[str] = overrides_option(),
 ) -> None:
     """Phase 1: MAE pre-training of each modality's expert (images only; labels not needed)."""
     from ..config import ConfigError
@@ -45,9 +43,7 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     epochs: int = typer.Option(None, help="Override train.epochs."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
-    overrides: list[str] = typer.Option(
-        None, "--set", help="Change a config value, SECTION.KEY=VALUE (YAML value); repeat it: --set train.lr=0.01"
-    ),
+    overrides: list[str] = overrides_option(),
 ) -> None:
     """Phase 2: gated end-to-end fine-tuning (from scratch without --init); baselines by config."""
     from ..bundle import BundleError
@@ -83,9 +79,7 @@ def add_modality(
     cache: Path = typer.Option(None, help="Slice cache of the config (default: cache/<config name>)."),
     epochs: int = typer.Option(None, help="Override train.epochs."),
     device: str = typer.Option(None, help="cpu or cuda."),
-    overrides: list[str] = typer.Option(
-        None, "--set", help="Change a config value, SECTION.KEY=VALUE (YAML value); repeat it: --set train.lr=0.01"
-    ),
+    overrides: list[str] = overrides_option(),
 ) -> None:
     """Add one modality expert (and the new labels) to a trained model, then train it."""
     from ..bundle import BundleError
