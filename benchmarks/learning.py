@@ -132,12 +132,20 @@ def write(out: Path, results: list[dict]) -> None:
             lines.append(f"| {r['variant']} | {r['seed']} | {seen} | {point.get('seconds', '')} | {cells} | {timing} |")
     lines += ["", *summary(results, datasets)]
     if any("ood" in r for r in results):
-        lines += ["", "Out of distribution (experiments/ood.py: TotalSegmentator sample scans, headline mean Dice):",
-                  "", "| variant | seed | " + " | ".join(CASE_NAMES) + " |", "|---|---:|" + "---:|" * len(CASE_NAMES)]
+        lines += [
+            "",
+            "Out of distribution (experiments/ood.py: TotalSegmentator sample scans, headline mean Dice):",
+            "",
+            "| variant | seed | " + " | ".join(CASE_NAMES) + " |",
+            "|---|---:|" + "---:|" * len(CASE_NAMES),
+        ]
         for r in results:
             if "ood" in r:
-                lines.append(f"| {r['variant']} | {r['seed']} | "
-                             + " | ".join(f"{r['ood'].get(k, float('nan')):.3f}" for k in CASE_NAMES) + " |")
+                lines.append(
+                    f"| {r['variant']} | {r['seed']} | "
+                    + " | ".join(f"{r['ood'].get(k, float('nan')):.3f}" for k in CASE_NAMES)
+                    + " |"
+                )
     (out / "learning.md").write_text("\n".join(lines) + "\n")
 
 

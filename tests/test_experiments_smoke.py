@@ -63,8 +63,12 @@ def test_cpu_reference_reads_its_recipe_and_takes_set_words(tmp_path):
     assert {d.name: d.weight for d in exp.datasets} == {"BTCV": 1.0, "CHAOS": 1.0, "ACDC": 1.0}
     assert exp.model == {"preset": "m4oe-convnext-s", "img_size": 128, "full_res_convs": 1}
     training = exp.training
-    assert (training.batch_size, training.lr, training.dice, training.foreground_sampling) == (4, 3e-3,
-                                                                                              "batch_present", "class")
+    assert (training.batch_size, training.lr, training.dice, training.foreground_sampling) == (
+        4,
+        3e-3,
+        "batch_present",
+        "class",
+    )
     assert training.samples_per_epoch == 5600 and training.epochs == 5 and training.minutes is None
     assert (training.pretrain_samples_per_epoch, training.pretrain_epochs) == (5600, 1)
     words = ["datasets.CHAOS.weight=0.7", "datasets.ACDC.weight=1.3", "datasets.BTCV.fov=0.9",

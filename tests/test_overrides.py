@@ -87,8 +87,8 @@ def test_presets_are_registered_by_their_architecture_modules():
     arch = {name: config.arch for name, config in PRESETS.items()}
     assert arch == {"m4oe-t": "swin", "m4oe-t-lite": "swin", "swin-unet": "swin", "tiny": "swin",
                     "m4oe-convnext-s": "convnext", "convnext-unet-s": "convnext"}  # fmt: skip
-    assert "register_preset(\"m4oe-t\"" in open(swin_unet.__file__).read()
-    assert "register_preset(\"m4oe-convnext-s\"" in open(convnext_unet.__file__).read()
+    assert 'register_preset("m4oe-t"' in open(swin_unet.__file__).read()
+    assert 'register_preset("m4oe-convnext-s"' in open(convnext_unet.__file__).read()
     assert register_preset("tiny", PRESETS["tiny"]) is PRESETS["tiny"]  # the same config again: a no-op
     with pytest.raises(ValueError, match="registered twice"):
         register_preset("tiny", ModelConfig())

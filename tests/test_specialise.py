@@ -17,7 +17,7 @@ from m4oe.train.finetune import SegmentationTask, own_expert_loss
 
 def test_the_routing_loss_by_hand():
     layer = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]],     # sample 0, own expert 0
-                          [[0.2, 0.2, 0.6], [0.3, 0.3, 0.4]]])     # sample 1, own expert 2  # fmt: skip
+                          [[0.2, 0.2, 0.6], [0.3, 0.3, 0.4]]])  # sample 1, own expert 2  # fmt: skip
     other = torch.full((2, 1, 3), 1 / 3)
     expected_first = -(math.log(0.5) + math.log(0.1) + math.log(0.6) + math.log(0.4)) / 4
     expected = (expected_first + math.log(3)) / 2  # the mean over the two layers

@@ -32,7 +32,9 @@ def spearman(a, b):
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-print("| cases | structures | score | Dice, most uncertain quarter | Dice, other three quarters | Spearman (score, Dice) |")
+print(
+    "| cases | structures | score | Dice, most uncertain quarter | Dice, other three quarters | Spearman (score, Dice) |"
+)
 print("|---|---:|---|---:|---:|---:|")
 for name, subset in (("all", rows), *((d, [r for r in rows if r[0] == d]) for d in ("BTCV", "CHAOS", "ACDC"))):
     if len(subset) < 4:
@@ -41,5 +43,7 @@ for name, subset in (("all", rows), *((d, [r for r in rows if r[0] == d]) for d 
     for label, column in (("entropy", 1), ("disagreement", 2)):
         score = np.array([r[column] for r in subset])
         top = score >= np.quantile(score, 0.75)
-        print(f"| {name} | {len(subset)} | {label} | {dice[top].mean():.3f} | {dice[~top].mean():.3f} | "
-              f"{spearman(score, dice):+.2f} |")
+        print(
+            f"| {name} | {len(subset)} | {label} | {dice[top].mean():.3f} | {dice[~top].mean():.3f} | "
+            f"{spearman(score, dice):+.2f} |"
+        )

@@ -36,6 +36,7 @@ def overrides_option() -> list[str]:
 def split_words(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
+
 def load_config(config: Path, overrides: list[str] | None, epochs: int | None = None,
                 pretrain_epochs: int | None = None):  # fmt: skip
     """The experiment of ``config`` with the ``--set`` words applied (``--epochs N`` is ``--set train.epochs=N``)."""
@@ -57,6 +58,7 @@ def fail(err: Exception) -> None:
         raise err
     tagged("error:", "red", err)
     raise typer.Exit(1) from err
+
 
 def main() -> None:
     """Entry point: errors are one line naming what is wrong; ``--debug`` (anywhere) shows the traceback."""

@@ -44,12 +44,14 @@ def predict(
     ),
     overwrite: bool = typer.Option(False, help="Replace label maps (and probabilities) already in the -o folder."),
     statistics: bool = typer.Option(
-        False, help="Also write per-structure volume (ml), intensity, bounding box and border flags "
-        "(CASE_statistics.json, statistics.csv)."
+        False,
+        help="Also write per-structure volume (ml), intensity, bounding box and border flags "
+        "(CASE_statistics.json, statistics.csv).",
     ),
     uncertainty: bool = typer.Option(
-        False, help="Also write per-voxel entropy and disagreement maps (CASE_entropy/_disagreement.nii.gz; with "
-        "one mixture-of-experts model, one more pass per expert)."
+        False,
+        help="Also write per-voxel entropy and disagreement maps (CASE_entropy/_disagreement.nii.gz; with "
+        "one mixture-of-experts model, one more pass per expert).",
     ),
     dicom_seg: bool = typer.Option(
         False, help="For DICOM series in: also a DICOM-SEG referencing the series (CASE_seg.dcm; m4oe[dicom])."
@@ -61,15 +63,17 @@ def predict(
         "auto", help="fp32, bf16, or auto: bf16 on a GPU, fp32 on a CPU (the one meaning of auto, as in training)."
     ),
     engine: str = typer.Option("torch", help="torch, or onnx: the model's slices through onnxruntime (CPU, fp32)."),
-    onnx: Path = typer.Option(None, help="With --engine onnx: a file of m4oe export for this request (default: "
-                              "exported for it on the fly)."),  # fmt: skip
+    onnx: Path = typer.Option(
+        None, help="With --engine onnx: a file of m4oe export for this request (default: exported for it on the fly)."
+    ),  # fmt: skip
     orientation: str = typer.Option(
-        "auto", help="For a dataset whose files needed a flip: auto (the way the model is surer of), dataset (flip "
-        "as its files), header (trust the input's header)."
+        "auto",
+        help="For a dataset whose files needed a flip: auto (the way the model is surer of), dataset (flip "
+        "as its files), header (trust the input's header).",
     ),
     strict: bool = typer.Option(
-        False, help="Refuse an input whose intensities look unlike the training scans (units, modality) instead of "
-        "warning."
+        False,
+        help="Refuse an input whose intensities look unlike the training scans (units, modality) instead of warning.",
     ),
 ) -> None:
     """Segment volumes; label maps keep the input's spacing, origin and direction."""

@@ -26,8 +26,10 @@ def check_field_types(config: Any, prefix: str) -> None:
         "str": (lambda v: isinstance(v, str), "text"),
         "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(map(whole, v)), "a list of whole numbers"),
         "int | None": (lambda v: v is None or whole(v), "a whole number"),
-        "float | None": (lambda v: v is None or ((whole(v) or isinstance(v, float)) and math.isfinite(v)),
-                         "a finite number"),
+        "float | None": (
+            lambda v: v is None or ((whole(v) or isinstance(v, float)) and math.isfinite(v)),
+            "a finite number",
+        ),
         "str | None": (lambda v: v is None or isinstance(v, str), "text"),
     }
     for f in dataclasses.fields(config):

@@ -155,8 +155,6 @@ class SliceCache:
         return [c for c in self.info.cases if c["num_slices"] and mask[c["slice_start"]]]
 
 
-
-
 ENDLESS_CHUNK = 256  # batches drawn at a time by an endless epoch (a run with a time budget)
 
 

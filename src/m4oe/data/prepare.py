@@ -255,8 +255,10 @@ def _statistics(sources: list[DatasetSource], results: list[dict]) -> dict[str, 
             except ValueError as err:
                 why = "every label map is empty (check labelsTr)" if source.labeled else "it has labels: none"
                 raise DataError(
-                    [f"{source.root}: {err}: {why}; CT statistics come from labelled voxels (or use normalization: "
-                     "mri or none)"]
+                    [
+                        f"{source.root}: {err}: {why}; CT statistics come from labelled voxels (or use normalization: "
+                        "mri or none)"
+                    ]
                 ) from err
         else:
             stats[source.name] = scheme_statistics(source.normalization)

@@ -163,4 +163,3 @@ def _check_members(members, case: str, folders: list[Path]) -> None:
         problem = mine.mismatch(theirs)
         if problem:
             raise PredictError(f"{folder}/{case}_probabilities.npz: another grid than {folders[0]}'s ({problem})")
-

@@ -30,7 +30,7 @@ def _require() -> None:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as err:
-        raise PredictError(f"ONNX needs the onnx extra ({err.name} is missing): pip install \"m4oe[onnx]\"") from None
+        raise PredictError(f'ONNX needs the onnx extra ({err.name} is missing): pip install "m4oe[onnx]"') from None
 
 
 def weights_digest(model: SegmentationModel) -> str:

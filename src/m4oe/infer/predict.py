@@ -365,7 +365,14 @@ class Predictor:
         warnings += modality_warnings(volume, request.normalization, self.model.modalities) + edges
         warnings += header_warnings(volume)
         return Prediction(
-            values[labels], request.classes, request.values, experts, probs_out, warnings, largest_only, at_edge,
+            values[labels],
+            request.classes,
+            request.values,
+            experts,
+            probs_out,
+            warnings,
+            largest_only,
+            at_edge,
             None if maps is None else {k: flip_in_plane(v, request.flip) for k, v in maps.maps.items()},
         )
 

@@ -49,8 +49,6 @@ def shifted_window_mask(H: int, W: int, window: int, shift: int) -> Tensor:
     return torch.zeros(different.shape).masked_fill(different, -100.0)
 
 
-
-
 def set_attention_kernel(kernel: str) -> None:
     """``sdpa`` (PyTorch's fused attention, the default) or ``explicit`` (matmul + softmax; a benchmark A/B)."""
     if kernel not in ATTENTION_KERNELS:

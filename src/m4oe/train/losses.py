@@ -97,8 +97,6 @@ def _one_hot(index: Tensor, classes: int) -> Tensor:
     return index.unsqueeze(1) == torch.arange(classes, device=index.device).view(1, -1, 1, 1)
 
 
-
-
 def segmentation_loss(
     logits: Tensor,
     target: Tensor,
