@@ -42,6 +42,8 @@ for name, subset in (("all", rows), *((d, [r for r in rows if r[0] == d]) for d 
     dice = np.array([r[3] for r in subset])
     for label, column in (("entropy", 1), ("disagreement", 2)):
         score = np.array([r[column] for r in subset])
+        if np.isnan(score).all():  # a dense or hard-routed model gives the entropy alone
+            continue
         top = score >= np.quantile(score, 0.75)
         print(
             f"| {name} | {len(subset)} | {label} | {dice[top].mean():.3f} | {dice[~top].mean():.3f} | "
