@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -26,7 +27,7 @@ def _root() -> None:
     keep_freed_memory()  # CPU forwards stop paying a page fault per 4 KiB of activations
 
 
-def overrides_option() -> list[str]:
+def overrides_option() -> Any:
     """The ``--set SECTION.KEY=VALUE`` option of every command that reads an experiment YAML."""
     return typer.Option(
         None, "--set", help="Change a config value, SECTION.KEY=VALUE (YAML value); repeat it: --set train.lr=0.01"

@@ -65,7 +65,7 @@ def predict(
     engine: str = typer.Option("torch", help="torch, or onnx: the model's slices through onnxruntime (CPU, fp32)."),
     onnx: Path = typer.Option(
         None, help="With --engine onnx: a file of m4oe export for this request (default: exported for it on the fly)."
-    ),  # fmt: skip
+    ),
     orientation: str = typer.Option(
         "auto",
         help="For a dataset whose files needed a flip: auto (the way the model is surer of), dataset (flip "
